@@ -1,0 +1,224 @@
+//! Logging set-up for both binaries: `tracing` to stderr (JSON lines, or human-readable
+//! on a terminal) and optionally to daily rolling files, every line passing through
+//! [`crate::redact`] on its way out.
+//!
+//! Redacting the formatted line in the writer (rather than field by field) is what makes
+//! it "one place": whatever a log statement, a dependency or a `Debug` impl puts in a line,
+//! the line is redacted before it reaches a file descriptor.
+
+use std::{
+    io::{self, IsTerminal, Write},
+    path::PathBuf,
+    str::FromStr,
+};
+
+use tracing_appender::{non_blocking::WorkerGuard, rolling};
+use tracing_subscriber::{fmt::MakeWriter, layer::SubscriberExt, EnvFilter, Layer, Registry};
+
+use crate::redact::redact;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object a line (for journald, Kubernetes, log shippers).
+    Json,
+    /// Human-readable lines.
+    Human,
+}
+
+impl LogFormat {
+    /// JSON unless stderr is a terminal.
+    pub fn auto() -> Self {
+        if io::stderr().is_terminal() {
+            LogFormat::Human
+        } else {
+            LogFormat::Json
+        }
+    }
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "json" => Ok(LogFormat::Json),
+            "human" | "text" => Ok(LogFormat::Human),
+            "auto" => Ok(LogFormat::auto()),
+            other => Err(format!("{other:?} is not a log format; use json, human or auto")),
+        }
+    }
+}
+
+/// Where and how to log.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Line format on stderr. Files are always JSON.
+    pub format: LogFormat,
+    /// An `EnvFilter` directive such as `info` or `info,taskgate_worker=debug`.
+    pub filter: String,
+    /// Also write daily rolling files here.
+    pub dir: Option<PathBuf>,
+    /// File name prefix for rolling files (`worker` → `worker.2026-12-04.log`).
+    pub file_prefix: String,
+    /// How many rolling files to keep.
+    pub max_files: usize,
+}
+
+/// Why logging could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The filter directive did not parse.
+    #[error("log filter {filter:?} is invalid: {reason}")]
+    Filter {
+        /// The directive given.
+        filter: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The log directory could not be used.
+    #[error("cannot write logs in {dir}: {reason}")]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A global subscriber was already installed.
+    #[error("logging was already initialised")]
+    AlreadySet,
+}
+
+/// Keeps the background log writers alive; drop it last, at exit, to flush.
+#[must_use = "dropping the guard stops file logging"]
+pub struct TelemetryGuard {
+    _guards: Vec<WorkerGuard>,
+}
+
+/// Installs the global subscriber.
+pub fn init(opts: &LogOptions) -> Result<TelemetryGuard, TelemetryError> {
+    let filter = |f: &str| {
+        EnvFilter::try_new(f).map_err(|e| TelemetryError::Filter {
+            filter: f.to_string(),
+            reason: e.to_string(),
+        })
+    };
+    let mut guards = Vec::new();
+    let (stderr, g) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(io::stderr());
+    guards.push(g);
+    let stderr = Redacting(stderr);
+    let console: Box<dyn Layer<Registry> + Send + Sync> = match opts.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(stderr)
+            .with_filter(filter(&opts.filter)?)
+            .boxed(),
+        LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_ansi(io::stderr().is_terminal())
+            .with_writer(stderr)
+            .with_filter(filter(&opts.filter)?)
+            .boxed(),
+    };
+    let file = match &opts.dir {
+        None => None,
+        Some(dir) => {
+            let appender = rolling::Builder::new()
+                .rotation(rolling::Rotation::DAILY)
+                .filename_prefix(&opts.file_prefix)
+                .filename_suffix("log")
+                .max_log_files(opts.max_files.max(1))
+                .build(dir)
+                .map_err(|e| TelemetryError::Dir {
+                    dir: dir.clone(),
+                    reason: e.to_string(),
+                })?;
+            let (w, g) = tracing_appender::non_blocking(appender);
+            guards.push(g);
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_writer(Redacting(w))
+                    .with_filter(filter(&opts.filter)?),
+            )
+        }
+    };
+    let subscriber = Registry::default().with(console).with(file);
+    tracing::subscriber::set_global_default(subscriber).map_err(|_| TelemetryError::AlreadySet)?;
+    Ok(TelemetryGuard { _guards: guards })
+}
+
+/// A `MakeWriter` whose writers redact every line before passing it on.
+#[derive(Debug, Clone)]
+pub struct Redacting<M>(pub M);
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Redacting<M> {
+    type Writer = RedactingWriter<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        RedactingWriter(self.0.make_writer())
+    }
+}
+
+/// The writer made by [`Redacting`]. `tracing-subscriber` hands it one whole formatted
+/// event per `write`, so each call redacts one complete line.
+#[derive(Debug)]
+pub struct RedactingWriter<W>(W);
+
+impl<W: Write> Write for RedactingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        self.0.write_all(redact(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_line_is_redacted_in_json() {
+        let cap = Capture::default();
+        let c2 = cap.clone();
+        let sub = tracing_subscriber::fmt()
+            .json()
+            .with_writer(Redacting(move || c2.clone()))
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            let out = "{\"api_key\": \"sk-canary\"} password=hunter2";
+            tracing::info!(output = out, token = "tok-canary", "executor said Authorization: Bearer abc123");
+        });
+        let text = String::from_utf8(cap.0.lock().unwrap().clone()).unwrap();
+        for secret in ["sk-canary", "hunter2", "tok-canary", "abc123"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        serde_json::from_str::<serde_json::Value>(text.trim()).unwrap();
+    }
+}

@@ -1,0 +1,10 @@
+//! Helpers for taskgate's end-to-end tests, so each test reads like a user's session.
+//!
+//! # Layout
+//!
+//! - [`eventually`]: poll a condition instead of sleeping.
+//! - [`pg`]: a fresh PostgreSQL database per test, dropped afterwards.
+#![deny(rust_2018_idioms)]
+
+pub mod eventually;
+pub mod pg;
