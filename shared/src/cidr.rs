@@ -103,6 +103,9 @@ mod tests {
     fn all_bad_entries_named() {
         let e = CidrList::parse("--allow-cidr", &["10.0.0.0/33,nope", "1.2.3.4"]).unwrap_err();
         assert_eq!(e.key, "--allow-cidr");
-        assert!(e.reason.contains("10.0.0.0/33") && e.reason.contains("nope"), "{e}");
+        assert!(
+            e.reason.contains("10.0.0.0/33") && e.reason.contains("nope"),
+            "{e}"
+        );
     }
 }

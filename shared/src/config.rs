@@ -120,7 +120,10 @@ pub fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
 /// An empty file is an error, since an empty secret would disable the control it guards.
 pub fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new(key, format!("cannot read secret file {}: {e}", path.display()))
+        ConfigError::new(
+            key,
+            format!("cannot read secret file {}: {e}", path.display()),
+        )
     })?;
     let value = text.trim_end_matches(['\n', '\r']).to_string();
     if value.trim().is_empty() {
@@ -145,8 +148,8 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = parse_toml::<Sample>("--config x.toml", "listen = \"a\"\nlisen = \"b\"\n")
-            .unwrap_err();
+        let err =
+            parse_toml::<Sample>("--config x.toml", "listen = \"a\"\nlisen = \"b\"\n").unwrap_err();
         assert!(err.reason.contains("lisen"), "{err}");
         assert!(!err.reason.contains('\n'));
     }
@@ -154,7 +157,10 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("k", "30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("k", "15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(
+            parse_duration("k", "15m").unwrap(),
+            Duration::from_secs(900)
+        );
         let e = parse_duration("--lease-ttl", "soon").unwrap_err();
         assert_eq!(e.key, "--lease-ttl");
     }

@@ -47,7 +47,9 @@ impl FromStr for Addr {
         }
         s.parse::<SocketAddr>()
             .map(Addr::Tcp)
-            .map_err(|_| AddrError::Malformed { input: s.to_string() })
+            .map_err(|_| AddrError::Malformed {
+                input: s.to_string(),
+            })
     }
 }
 
@@ -92,9 +94,15 @@ mod tests {
             "unix:///run/w.sock".parse::<Addr>().unwrap(),
             Addr::Unix("/run/w.sock".into())
         );
-        assert!(matches!("[::1]:9100".parse::<Addr>().unwrap(), Addr::Tcp(_)));
+        assert!(matches!(
+            "[::1]:9100".parse::<Addr>().unwrap(),
+            Addr::Tcp(_)
+        ));
         assert_eq!("unix:".parse::<Addr>(), Err(AddrError::EmptyPath));
-        assert!(matches!("localhost:80".parse::<Addr>(), Err(AddrError::Malformed { .. })));
+        assert!(matches!(
+            "localhost:80".parse::<Addr>(),
+            Err(AddrError::Malformed { .. })
+        ));
     }
 
     #[test]

@@ -37,7 +37,8 @@ const SECRET_WORDS: &[&str] = &[
 
 /// A secret-like key followed by a `=` or `:` separator, or a bare auth scheme.
 static KEY_AND_SEPARATOR: LazyLock<Regex> = LazyLock::new(|| {
-    let words = "password|passwd|secret|token|api[_-]?key|authorization|cookie|private[_-]?key|credential";
+    let words =
+        "password|passwd|secret|token|api[_-]?key|authorization|cookie|private[_-]?key|credential";
     let pattern = format!(
         r#"(?i)(?:[A-Za-z0-9_.\-]*(?:{words})[A-Za-z0-9_.\-]*(?:\\*["'])?\s*[:=]\s*|\b(?:bearer|basic)\s+)"#
     );
@@ -95,7 +96,9 @@ fn scan_value(text: &str, start: usize) -> Option<(usize, usize, usize)> {
     let mut i = start;
     // An HTTP auth scheme stays visible; the credential after it does not.
     for scheme in ["bearer ", "basic ", "token ", "digest "] {
-        if bytes.len() >= i + scheme.len() && bytes[i..i + scheme.len()].eq_ignore_ascii_case(scheme.as_bytes()) {
+        if bytes.len() >= i + scheme.len()
+            && bytes[i..i + scheme.len()].eq_ignore_ascii_case(scheme.as_bytes())
+        {
             i += scheme.len();
             while i < bytes.len() && bytes[i] == b' ' {
                 i += 1;
@@ -113,7 +116,11 @@ fn scan_value(text: &str, start: usize) -> Option<(usize, usize, usize)> {
         let inner_start = i + level + 1;
         return Some(match find_closing_quote(bytes, inner_start, quote, level) {
             Some(close_backslashes_at) => (inner_start, close_backslashes_at, close_backslashes_at),
-            None => (inner_start, line_end(bytes, inner_start), line_end(bytes, inner_start)),
+            None => (
+                inner_start,
+                line_end(bytes, inner_start),
+                line_end(bytes, inner_start),
+            ),
         });
     }
     if level > 0 {
@@ -209,7 +216,10 @@ mod tests {
 
     #[test]
     fn key_value_forms() {
-        assert_eq!(r("user=bob password=hunter2 x=1"), "user=bob password=[REDACTED] x=1");
+        assert_eq!(
+            r("user=bob password=hunter2 x=1"),
+            "user=bob password=[REDACTED] x=1"
+        );
         assert_eq!(r("PASSWD: hunter2"), "PASSWD: [REDACTED]");
         assert_eq!(r("db_password=abc&next=1"), "db_password=[REDACTED]&next=1");
         assert_eq!(r("X-Api-Key: k123"), "X-Api-Key: [REDACTED]");
@@ -222,7 +232,10 @@ mod tests {
             r(r#"{"api_key": "sk-123", "n": 1}"#),
             r#"{"api_key": "[REDACTED]", "n": 1}"#
         );
-        assert_eq!(r(r#"{"token":"a\"b","x":2}"#), r#"{"token":"[REDACTED]","x":2}"#);
+        assert_eq!(
+            r(r#"{"token":"a\"b","x":2}"#),
+            r#"{"token":"[REDACTED]","x":2}"#
+        );
         assert_eq!(
             r(r#"{"credentials": {"user": "a", "pw": "b"}, "ok": true}"#),
             r#"{"credentials": [REDACTED], "ok": true}"#
@@ -245,8 +258,14 @@ mod tests {
 
     #[test]
     fn http_headers_and_bearer() {
-        assert_eq!(r("Authorization: Bearer abc.def"), "Authorization: Bearer [REDACTED]");
-        assert_eq!(r("curl -H 'bearer xyz' url"), "curl -H 'bearer [REDACTED]' url");
+        assert_eq!(
+            r("Authorization: Bearer abc.def"),
+            "Authorization: Bearer [REDACTED]"
+        );
+        assert_eq!(
+            r("curl -H 'bearer xyz' url"),
+            "curl -H 'bearer [REDACTED]' url"
+        );
         assert_eq!(r("Cookie: sid=abc"), "Cookie: [REDACTED]");
     }
 
@@ -265,7 +284,10 @@ mod tests {
 
     #[test]
     fn nothing_to_redact_borrows() {
-        assert!(matches!(redact("task 5 succeeded in 3ms"), Cow::Borrowed(_)));
+        assert!(matches!(
+            redact("task 5 succeeded in 3ms"),
+            Cow::Borrowed(_)
+        ));
         assert!(matches!(redact("token="), Cow::Borrowed(_)));
     }
 

@@ -45,7 +45,9 @@ impl FromStr for LogFormat {
             "json" => Ok(LogFormat::Json),
             "human" | "text" => Ok(LogFormat::Human),
             "auto" => Ok(LogFormat::auto()),
-            other => Err(format!("{other:?} is not a log format; use json, human or auto")),
+            other => Err(format!(
+                "{other:?} is not a log format; use json, human or auto"
+            )),
         }
     }
 }
@@ -213,7 +215,11 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(sub, || {
             let out = "{\"api_key\": \"sk-canary\"} password=hunter2";
-            tracing::info!(output = out, token = "tok-canary", "executor said Authorization: Bearer abc123");
+            tracing::info!(
+                output = out,
+                token = "tok-canary",
+                "executor said Authorization: Bearer abc123"
+            );
         });
         let text = String::from_utf8(cap.0.lock().unwrap().clone()).unwrap();
         for secret in ["sk-canary", "hunter2", "tok-canary", "abc123"] {

@@ -28,9 +28,8 @@ impl TokenSet {
         let mut tokens = Vec::with_capacity(values.len());
         for (i, v) in values.iter().enumerate() {
             let v = v.as_ref().trim();
-            check_syntax(v).map_err(|why| {
-                ConfigError::new(key, format!("token #{} {why}", i + 1))
-            })?;
+            check_syntax(v)
+                .map_err(|why| ConfigError::new(key, format!("token #{} {why}", i + 1)))?;
             tokens.push(v.as_bytes().into());
         }
         if tokens.is_empty() {
@@ -64,7 +63,10 @@ impl TokenSet {
     /// Reads and parses a token file.
     pub fn load_file(key: &str, path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(key, format!("cannot read token file {}: {e}", path.display()))
+            ConfigError::new(
+                key,
+                format!("cannot read token file {}: {e}", path.display()),
+            )
         })?;
         Self::parse_file_text(key, &text)
     }
@@ -92,7 +94,10 @@ impl TokenSet {
 
     /// How many tokens are shorter than [`WEAK_TOKEN_LEN`].
     pub fn weak_count(&self) -> usize {
-        self.tokens.iter().filter(|t| t.len() < WEAK_TOKEN_LEN).count()
+        self.tokens
+            .iter()
+            .filter(|t| t.len() < WEAK_TOKEN_LEN)
+            .count()
     }
 }
 
@@ -133,8 +138,11 @@ mod tests {
 
     #[test]
     fn file_with_rotation_and_comments() {
-        let s = TokenSet::parse_file_text("f", "# old\nold-token-aaaaaaaaaa\n\n  new-token-bbbbbbbbbb  \n")
-            .unwrap();
+        let s = TokenSet::parse_file_text(
+            "f",
+            "# old\nold-token-aaaaaaaaaa\n\n  new-token-bbbbbbbbbb  \n",
+        )
+        .unwrap();
         assert_eq!(s.len(), 2);
         assert!(s.verify(b"old-token-aaaaaaaaaa"));
         assert!(s.verify(b"new-token-bbbbbbbbbb"));

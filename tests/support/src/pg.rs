@@ -27,7 +27,11 @@ impl TestDb {
         let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
             panic!("cannot reach PostgreSQL at {admin} ({e}); start it or set TASKGATE_TEST_PG")
         });
-        let name = format!("taskgate_test_{}_{:016x}", std::process::id(), rand::random::<u64>());
+        let name = format!(
+            "taskgate_test_{}_{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
         conn.execute(format!("CREATE DATABASE {name}").as_str())
             .await
             .expect("create test database");
@@ -44,7 +48,9 @@ impl Drop for TestDb {
         // Drop runs outside any async context we may block; use a throwaway runtime on
         // its own thread.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async {
                 let mut conn = PgConnection::connect(&admin).await?;
                 conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())

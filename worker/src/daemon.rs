@@ -1,0 +1,147 @@
+//! `worker run`: start-up checks, the executor environment, signal handling, and the
+//! wiring of store, runner, metrics and events.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    commands,
+    config::{Common, RunConfig},
+    events::EventBus,
+    metrics::Metrics,
+    plan::Plan,
+    runner::{self, Settings},
+    Error,
+};
+
+/// Default `PATH` for executors when the worker has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Runs the daemon until SIGTERM/SIGINT (or, with `--drain`, until the queues are empty).
+pub async fn run(common: &Common, cfg: &RunConfig) -> Result<(), Error> {
+    if common.allow.is_empty() {
+        return Err(Error::Usage(
+            "no task module is allowed, so no task could run; set ALLOWED_TASK_MODULES (or --allowed-modules / worker.allowed_modules), e.g. tasks.*".into(),
+        ));
+    }
+    if nix::unistd::geteuid().is_root() && cfg.user.is_none() && !cfg.allow_root {
+        return Err(Error::Usage(
+            "refusing to run tasks as root; pass --user NAME to drop privileges after binding, or --allow-root if you really mean it".into(),
+        ));
+    }
+    if cfg.user.is_some() || cfg.group.is_some() {
+        return Err(Error::Usage(
+            "--user/--group: privilege drop is not available in this build yet; start the worker as the target user".into(),
+        ));
+    }
+    let pool_size = (cfg.concurrency as u32 / 4).clamp(4, 16);
+    let store = commands::open(common, pool_size).await?;
+
+    let payload_dir = {
+        let base = cfg.payload_dir.clone().unwrap_or_else(std::env::temp_dir);
+        tempfile::Builder::new()
+            .prefix("taskgate-payloads-")
+            .tempdir_in(&base)
+            .map_err(|e| {
+                Error::Failed(format!(
+                    "cannot create a private payload directory in {}: {e}",
+                    base.display()
+                ))
+            })?
+    };
+    let plan = Plan {
+        runner: cfg.module_runner.clone(),
+        modules: cfg.modules.clone(),
+        timeout: cfg.task_timeout,
+        payload_mode: cfg.payload_mode,
+        kill_grace: cfg.kill_grace,
+        output_cap: 64 * 1024,
+        payload_dir: payload_dir.path().to_path_buf(),
+        base_env: executor_env(&cfg.env_allow),
+    };
+    let owner = format!(
+        "{}:{}",
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown".into()),
+        std::process::id()
+    );
+    let settings = Settings {
+        owner: owner.clone(),
+        queues: cfg.queues.clone(),
+        concurrency: cfg.concurrency,
+        lease_ttl: cfg.lease_ttl,
+        poll_interval: cfg.poll_interval,
+        claim_batch: cfg.concurrency.min(64),
+        completion_batch: 256,
+        drain: cfg.drain,
+        shutdown_grace: cfg.shutdown_grace,
+        backoff: cfg.backoff,
+        allow: common.allow.clone(),
+    };
+    let metrics = Metrics::new(store.backend());
+    let events = Arc::new(EventBus::new(1024));
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+
+    tracing::info!(
+        owner = %owner,
+        backend = store.backend(),
+        queues = ?cfg.queues,
+        concurrency = cfg.concurrency,
+        lease_ttl = ?cfg.lease_ttl,
+        payload_mode = ?cfg.payload_mode,
+        prod_build = cfg!(feature = "prod"),
+        "worker started"
+    );
+    runner::run(store, settings, plan, metrics, events, shutdown).await;
+    drop(payload_dir);
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// The environment executors start with: `PATH`, `LANG`, and the names the operator
+/// allowed, taken from the worker's own environment. Nothing else.
+fn executor_env(allow: &[String]) -> Vec<(String, String)> {
+    let mut env = vec![(
+        "PATH".to_string(),
+        std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string()),
+    )];
+    for name in std::iter::once("LANG").chain(allow.iter().map(String::as_str)) {
+        if let Ok(v) = std::env::var(name) {
+            env.push((name.to_string(), v));
+        }
+    }
+    env
+}
+
+/// SIGTERM or SIGINT starts a graceful shutdown; a second one is logged and ignored
+/// (the grace periods bound how long the shutdown takes).
+fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::Failed(format!("cannot install the SIGTERM handler: {e}")))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| Error::Failed(format!("cannot install the SIGINT handler: {e}")))?;
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            if shutdown.is_cancelled() {
+                tracing::info!(signal = name, "already shutting down");
+            } else {
+                tracing::info!(
+                    signal = name,
+                    "shutting down: no new claims; running tasks get the grace period"
+                );
+                shutdown.cancel();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The taskgate worker: claims tasks from PostgreSQL or SQLite under a lease with a
+//! fencing token and runs each as a subprocess of an allow-listed module.
+//!
+//! Data flows one way: [`config`] → [`daemon`] (listeners, signals) → [`runner`]
+//! (claim, execute, heartbeat, complete) → [`store`].
+//!
+//! # Layout
+//!
+//! - [`cli`]: flags and env vars (clap).
+//! - [`config`]: the one typed config built from flags, env and TOML.
+//! - [`commands`]: `migrate`, `enqueue`, `status`, `cancel`.
+//! - [`daemon`]: `worker run`: start-up checks, signals, wiring.
+//! - [`runner`]: the claim/heartbeat/complete loop.
+//! - [`executor`]: one subprocess per attempt; [`plan`]: its command and environment.
+//! - [`modules`]: module names and the allow-list; [`retry`]: back-off.
+//! - [`store`]: the store trait and its PostgreSQL and SQLite drivers.
+//! - [`metrics`], [`events`]: what the worker reports.
+//! - `sys`: the few `unsafe` OS calls.
+#![deny(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod daemon;
+pub mod events;
+pub mod executor;
+pub mod metrics;
+pub mod modules;
+pub mod plan;
+pub mod retry;
+pub mod runner;
+pub mod store;
+mod sys;
+
+/// What a worker command can fail with; each maps to an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A bad flag or argument (exit 64).
+    #[error("{0}")]
+    Usage(String),
+    /// Bad input data, e.g. a malformed JSONL line (exit 65).
+    #[error("{0}")]
+    Data(String),
+    /// The task does not exist (exit 1).
+    #[error("{0}")]
+    NotFound(String),
+    /// The database could not be used (exit 1; 64 when the URL is unusable).
+    #[error("{0}")]
+    Store(store::StoreError),
+    /// Anything else (exit 1).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Error {
+    fn store(e: store::StoreError) -> Self {
+        Error::Store(e)
+    }
+
+    /// The process exit code for this error (sysexits.h where one fits).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) => taskgate_shared::config::EX_USAGE,
+            Error::Store(store::StoreError::UnsupportedUrl { .. }) => {
+                taskgate_shared::config::EX_USAGE
+            }
+            Error::Data(_) => 65,
+            Error::NotFound(_) | Error::Store(_) | Error::Failed(_) => 1,
+        }
+    }
+}
+
+/// Runs the parsed command with its configuration.
+pub async fn run(cli: &cli::Cli, config: &config::Config) -> Result<(), Error> {
+    let mut stdout = std::io::stdout().lock();
+    match &cli.command {
+        cli::Command::Migrate => commands::migrate(&config.common).await,
+        cli::Command::Enqueue(args) => commands::enqueue(&config.common, args, &mut stdout).await,
+        cli::Command::Status { id } => commands::status(&config.common, *id, &mut stdout).await,
+        cli::Command::Cancel { id } => commands::cancel(&config.common, *id, &mut stdout).await,
+        cli::Command::Run(_) => {
+            drop(stdout);
+            let run = config
+                .run
+                .as_ref()
+                .ok_or_else(|| Error::Failed("internal: run settings missing".into()))?;
+            daemon::run(&config.common, run).await
+        }
+    }
+}
