@@ -40,8 +40,11 @@ pub async fn run(common: &Common, cfg: &RunConfig) -> Result<(), Error> {
 
     let payload_dir = {
         let base = cfg.payload_dir.clone().unwrap_or_else(std::env::temp_dir);
+        // 0700 from creation on (umask can only remove bits): no other user may list or
+        // open payload files, not even in the moment before a chmod.
         tempfile::Builder::new()
             .prefix("taskgate-payloads-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in(&base)
             .map_err(|e| {
                 Error::Failed(format!(
