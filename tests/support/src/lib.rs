@@ -4,7 +4,9 @@
 //!
 //! - [`eventually`]: poll a condition instead of sleeping.
 //! - [`pg`]: a fresh PostgreSQL database per test, dropped afterwards.
+//! - [`pki`]: a CA with server and client certificates for TLS tests.
 #![deny(rust_2018_idioms)]
 
 pub mod eventually;
 pub mod pg;
+pub mod pki;
