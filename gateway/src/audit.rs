@@ -91,7 +91,14 @@ pub fn denied_connection(remote: &str, reason: Reason, detail: &str) {
 }
 
 /// Logs the summary line of a host over its limit: `count` denials since the last one.
-pub fn rate_limited_summary(remote: Option<SocketAddr>, host: &str, method: &str, path: &str, count: u32, window_secs: u64) {
+pub fn rate_limited_summary(
+    remote: Option<SocketAddr>,
+    host: &str,
+    method: &str,
+    path: &str,
+    count: u32,
+    window_secs: u64,
+) {
     tracing::warn!(
         target: "taskgate_gateway::audit",
         remote = %DisplayAddr(remote),

@@ -28,7 +28,11 @@ pub const MAX_AUTH_MAX_ENTRIES: usize = 10_000_000;
 /// Command-line flags. Every flag can also come from its environment variable, and most
 /// from the TOML file; a flag or variable beats the file.
 #[derive(Debug, Clone, Default, Parser)]
-#[command(name = "gateway", version, about = "TLS/mTLS gateway in front of the taskgate worker")]
+#[command(
+    name = "gateway",
+    version,
+    about = "TLS/mTLS gateway in front of the taskgate worker"
+)]
 pub struct Cli {
     /// TOML configuration file (see docs/gateway.md); flags and env override it.
     #[arg(long, env = "GATEWAY_CONFIG")]
@@ -49,7 +53,11 @@ pub struct Cli {
     #[arg(long, env = "METRICS_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
     /// A client certificate must carry one of these DNS or IP SANs (repeatable).
-    #[arg(long = "tls-client-allowed-san", env = "METRICS_TLS_CLIENT_ALLOWED_SANS", value_delimiter = ',')]
+    #[arg(
+        long = "tls-client-allowed-san",
+        env = "METRICS_TLS_CLIENT_ALLOWED_SANS",
+        value_delimiter = ','
+    )]
     pub tls_client_allowed_sans: Vec<String>,
     /// Serve plain HTTP without TLS. Only for tests and loopback set-ups.
     #[arg(long, env = "GATEWAY_INSECURE_PLAINTEXT")]
@@ -64,10 +72,18 @@ pub struct Cli {
     #[arg(long, env = "GATEWAY_NO_AUTH")]
     pub no_auth: bool,
     /// Source networks allowed to connect (repeatable or comma-separated); empty = all.
-    #[arg(long = "allow-cidr", env = "METRICS_ALLOW_CIDRS", value_delimiter = ',')]
+    #[arg(
+        long = "allow-cidr",
+        env = "METRICS_ALLOW_CIDRS",
+        value_delimiter = ','
+    )]
     pub allow_cidrs: Vec<String>,
     /// Paths proxied to the worker (repeatable); default /metrics, /healthz, /events.
-    #[arg(long = "allow-path", env = "GATEWAY_ALLOW_PATHS", value_delimiter = ',')]
+    #[arg(
+        long = "allow-path",
+        env = "GATEWAY_ALLOW_PATHS",
+        value_delimiter = ','
+    )]
     pub allow_paths: Vec<String>,
     /// Unauthorized hits allowed per host per --auth-window (default 10).
     #[arg(long, env = "METRICS_AUTH_LIMIT")]
@@ -247,7 +263,10 @@ impl Config {
         let mut errs = ConfigErrors::default();
 
         let listen = match cli.listen.as_deref().or(file.listen.as_deref()) {
-            Some(s) => errs.check(s.parse::<Addr>().map_err(|e| ConfigError::new("--listen", e.to_string()))),
+            Some(s) => errs.check(
+                s.parse::<Addr>()
+                    .map_err(|e| ConfigError::new("--listen", e.to_string())),
+            ),
             None => {
                 errs.push("--listen", "required, e.g. --listen 0.0.0.0:9443");
                 None
@@ -256,7 +275,10 @@ impl Config {
         let upstream = match cli.upstream.as_deref().or(file.upstream.as_deref()) {
             Some(s) => errs.check(Addr::parse_local_for("--upstream", s)),
             None => {
-                errs.push("--upstream", "required, e.g. --upstream unix:/run/worker.sock");
+                errs.push(
+                    "--upstream",
+                    "required, e.g. --upstream unix:/run/worker.sock",
+                );
                 None
             }
         };
@@ -293,7 +315,10 @@ impl Config {
             }
             (None, None, true) => {
                 if client_ca.is_some() {
-                    errs.push("--tls-client-ca", "mTLS needs TLS; drop --insecure-plaintext");
+                    errs.push(
+                        "--tls-client-ca",
+                        "mTLS needs TLS; drop --insecure-plaintext",
+                    );
                 }
                 None
             }
@@ -332,26 +357,48 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_ALLOW_PATHS.iter().map(|s| s.to_string()).collect())
         };
         for p in &allow_paths {
-            if !p.starts_with('/') || p.bytes().any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#') {
-                errs.push("--allow-path", format!("{p:?} is not an absolute path without query"));
+            if !p.starts_with('/')
+                || p.bytes()
+                    .any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#')
+            {
+                errs.push(
+                    "--allow-path",
+                    format!("{p:?} is not an absolute path without query"),
+                );
             }
             if p == GATEWAY_METRICS_PATH {
-                errs.push("--allow-path", format!("{p} is served by the gateway itself"));
+                errs.push(
+                    "--allow-path",
+                    format!("{p} is served by the gateway itself"),
+                );
             }
         }
         if allow_paths.is_empty() {
-            errs.push("--allow-path", "the list is empty; nothing would be proxied");
+            errs.push(
+                "--allow-path",
+                "the list is empty; nothing would be proxied",
+            );
         }
 
         let limit_n = cli.auth_limit.or(file.metrics.auth_limit).unwrap_or(10);
         if limit_n == 0 {
             errs.push("METRICS_AUTH_LIMIT", "must be at least 1");
         }
-        let window = dur(&mut errs, "METRICS_AUTH_WINDOW", cli.auth_window.as_deref().or(file.metrics.auth_window.as_deref()), "60s");
+        let window = dur(
+            &mut errs,
+            "METRICS_AUTH_WINDOW",
+            cli.auth_window
+                .as_deref()
+                .or(file.metrics.auth_window.as_deref()),
+            "60s",
+        );
         if window.is_zero() {
             errs.push("METRICS_AUTH_WINDOW", "must be longer than zero");
         }
-        let max_entries = cli.auth_max_entries.or(file.metrics.auth_max_entries).unwrap_or(10_000);
+        let max_entries = cli
+            .auth_max_entries
+            .or(file.metrics.auth_max_entries)
+            .unwrap_or(10_000);
         if max_entries == 0 || max_entries > MAX_AUTH_MAX_ENTRIES {
             errs.push(
                 "METRICS_AUTH_MAX_ENTRIES",
@@ -359,22 +406,43 @@ impl Config {
             );
         }
 
-        let header_timeout = dur(&mut errs, "--header-timeout", cli.header_timeout.as_deref().or(file.header_timeout.as_deref()), "10s");
-        let idle_timeout = dur(&mut errs, "--idle-timeout", cli.idle_timeout.as_deref().or(file.idle_timeout.as_deref()), "60s");
+        let header_timeout = dur(
+            &mut errs,
+            "--header-timeout",
+            cli.header_timeout
+                .as_deref()
+                .or(file.header_timeout.as_deref()),
+            "10s",
+        );
+        let idle_timeout = dur(
+            &mut errs,
+            "--idle-timeout",
+            cli.idle_timeout.as_deref().or(file.idle_timeout.as_deref()),
+            "60s",
+        );
         let upstream_connect_timeout = dur(
             &mut errs,
             "--upstream-connect-timeout",
-            cli.upstream_connect_timeout.as_deref().or(file.upstream_connect_timeout.as_deref()),
+            cli.upstream_connect_timeout
+                .as_deref()
+                .or(file.upstream_connect_timeout.as_deref()),
             "2s",
         );
         let upstream_read_timeout = dur(
             &mut errs,
             "--upstream-read-timeout",
-            cli.upstream_read_timeout.as_deref().or(file.upstream_read_timeout.as_deref()),
+            cli.upstream_read_timeout
+                .as_deref()
+                .or(file.upstream_read_timeout.as_deref()),
             "60s",
         );
         let reload_poll = dur(&mut errs, "--reload-poll", cli.reload_poll.as_deref(), "2s");
-        let shutdown_grace = dur(&mut errs, "--shutdown-grace", cli.shutdown_grace.as_deref(), "5s");
+        let shutdown_grace = dur(
+            &mut errs,
+            "--shutdown-grace",
+            cli.shutdown_grace.as_deref(),
+            "5s",
+        );
         for (key, d) in [
             ("--header-timeout", header_timeout),
             ("--idle-timeout", idle_timeout),
@@ -489,7 +557,15 @@ mod tests {
     #[test]
     fn minimal_plaintext_with_token() {
         let c = Config::from_parts(
-            &cli(&["--listen", "127.0.0.1:0", "--upstream", "unix:/tmp/w.sock", "--insecure-plaintext", "--auth-token", "abcdefghijklmnopq"]),
+            &cli(&[
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "unix:/tmp/w.sock",
+                "--insecure-plaintext",
+                "--auth-token",
+                "abcdefghijklmnopq",
+            ]),
             FileConfig::default(),
         )
         .unwrap();
@@ -502,7 +578,13 @@ mod tests {
     #[test]
     fn no_token_and_no_no_auth_is_an_error() {
         let e = Config::from_parts(
-            &cli(&["--listen", "127.0.0.1:0", "--upstream", "unix:/tmp/w.sock", "--insecure-plaintext"]),
+            &cli(&[
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "unix:/tmp/w.sock",
+                "--insecure-plaintext",
+            ]),
             FileConfig::default(),
         )
         .unwrap_err();
@@ -512,12 +594,29 @@ mod tests {
     #[test]
     fn all_bad_keys_reported_at_once() {
         let e = Config::from_parts(
-            &cli(&["--upstream", "10.0.0.1:80", "--allow-cidr", "nope", "--auth-window", "soon", "--upstream-read-timeout", "5s"]),
+            &cli(&[
+                "--upstream",
+                "10.0.0.1:80",
+                "--allow-cidr",
+                "nope",
+                "--auth-window",
+                "soon",
+                "--upstream-read-timeout",
+                "5s",
+            ]),
             FileConfig::default(),
         )
         .unwrap_err();
         let s = e.to_string();
-        for key in ["--listen", "--upstream", "--tls-cert", "--allow-cidr", "METRICS_AUTH_WINDOW", "--upstream-read-timeout", "--auth-token-file"] {
+        for key in [
+            "--listen",
+            "--upstream",
+            "--tls-cert",
+            "--allow-cidr",
+            "METRICS_AUTH_WINDOW",
+            "--upstream-read-timeout",
+            "--auth-token-file",
+        ] {
             assert!(s.contains(key), "{key} missing from {s}");
         }
     }

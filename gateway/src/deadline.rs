@@ -28,9 +28,8 @@ use async_trait::async_trait;
 use pingora::{
     apps::ServerApp,
     protocols::{
-        raw_connect::ProxyDigest, tls::SslDigest, GetProxyDigest,
-        GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
-        TimingDigest, UniqueID, UniqueIDType, ALPN,
+        raw_connect::ProxyDigest, tls::SslDigest, GetProxyDigest, GetSocketDigest, GetTimingDigest,
+        Peek, Shutdown, SocketDigest, Ssl, Stream, TimingDigest, UniqueID, UniqueIDType, ALPN,
     },
     server::ShutdownWatch,
 };
@@ -248,7 +247,11 @@ impl<A> WithHeadDeadline<A> {
 
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for WithHeadDeadline<A> {
-    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
         let wrapped: Stream = Box::new(HeadDeadline::new(stream, self.timeout, self.cut.clone()));
         self.inner.process_new(wrapped, shutdown).await
     }

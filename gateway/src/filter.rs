@@ -32,7 +32,11 @@ impl ConnectionFilter for CidrFilter {
         match addr {
             Some(a) if !self.list.allows(a.ip()) => {
                 self.metrics.deny(Reason::Cidr);
-                audit::denied_connection(&a.to_string(), Reason::Cidr, "source outside --allow-cidr");
+                audit::denied_connection(
+                    &a.to_string(),
+                    Reason::Cidr,
+                    "source outside --allow-cidr",
+                );
                 false
             }
             // No address is a Unix-socket listener: local by construction.

@@ -80,7 +80,13 @@ pub enum GatewayError {
 impl GatewayError {
     /// True for errors the operator fixes in the configuration (exit code 64).
     pub fn is_usage(&self) -> bool {
-        matches!(self, GatewayError::Config(_) | GatewayError::Tls(_) | GatewayError::Priv(_) | GatewayError::Bind { .. })
+        matches!(
+            self,
+            GatewayError::Config(_)
+                | GatewayError::Tls(_)
+                | GatewayError::Priv(_)
+                | GatewayError::Bind { .. }
+        )
     }
 }
 
@@ -106,7 +112,11 @@ pub fn prepare(config: Config) -> Result<Prepared, GatewayError> {
         AuthSource::Inline(set) => Some(Arc::new(ArcSwap::from_pointee(set.clone()))),
         AuthSource::Disabled => None,
     };
-    let privdrop = PrivDrop::resolve(config.user.as_deref(), config.group.as_deref(), &config.listen)?;
+    let privdrop = PrivDrop::resolve(
+        config.user.as_deref(),
+        config.group.as_deref(),
+        &config.listen,
+    )?;
     Ok(Prepared {
         config,
         tls,
@@ -167,17 +177,25 @@ pub fn run(prepared: Prepared) -> Result<(), GatewayError> {
     server.bootstrap();
 
     let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
-    let app = WithHeadDeadline::new(proxy, config.header_timeout, metrics.header_timeout_count.clone());
+    let app = WithHeadDeadline::new(
+        proxy,
+        config.header_timeout,
+        metrics.header_timeout_count.clone(),
+    );
     let mut service = Service::new("taskgate gateway".to_string(), app);
-    service.set_connection_filter(Arc::new(CidrFilter::new(config.allow_cidrs.clone(), metrics.clone())));
+    service.set_connection_filter(Arc::new(CidrFilter::new(
+        config.allow_cidrs.clone(),
+        metrics.clone(),
+    )));
     let listen = config.listen.to_string();
     match (&config.listen, &tls) {
         (Addr::Unix(path), _) => service.add_uds(&path.to_string_lossy(), None),
         (Addr::Tcp(_), Some(material)) => {
-            let mut settings = TlsSettings::intermediate("", "").map_err(|e| GatewayError::Bind {
-                addr: listen.clone(),
-                reason: e.to_string(),
-            })?;
+            let mut settings =
+                TlsSettings::intermediate("", "").map_err(|e| GatewayError::Bind {
+                    addr: listen.clone(),
+                    reason: e.to_string(),
+                })?;
             settings.set_cert_resolver(material.resolver.clone());
             if let Some(v) = &material.verifier {
                 settings.set_client_cert_verifier(v.clone());
@@ -211,7 +229,9 @@ pub fn run(prepared: Prepared) -> Result<(), GatewayError> {
 
 fn warn_about(config: &Config, tokens: &proxy::Tokens) {
     if config.tls.is_none() {
-        tracing::warn!("--insecure-plaintext: serving plain HTTP; tokens cross the network in clear text");
+        tracing::warn!(
+            "--insecure-plaintext: serving plain HTTP; tokens cross the network in clear text"
+        );
     }
     match tokens {
         None => tracing::warn!("--no-auth: no bearer token is checked"),
@@ -223,7 +243,9 @@ fn warn_about(config: &Config, tokens: &proxy::Tokens) {
         Some(_) => {}
     }
     if config.allow_cidrs.is_empty() {
-        tracing::info!("CIDR allow-list is empty: connections from every source address are accepted");
+        tracing::info!(
+            "CIDR allow-list is empty: connections from every source address are accepted"
+        );
     } else {
         tracing::info!(allow_cidrs = ?config.allow_cidrs.nets().iter().map(|n| n.to_string()).collect::<Vec<_>>(), "CIDR allow-list in force");
     }

@@ -370,8 +370,15 @@ mod tests {
         let v = l.hit(k, SEC);
         assert!(!v.allowed);
         assert_eq!(v.summary, Some(1), "first denial opens a summary window");
-        assert_eq!(l.hit(k, 2 * SEC).summary, None, "later denials are only counted");
-        assert!(!l.is_penalized(v4(10, 0, 0, 2), 0), "other hosts unaffected");
+        assert_eq!(
+            l.hit(k, 2 * SEC).summary,
+            None,
+            "later denials are only counted"
+        );
+        assert!(
+            !l.is_penalized(v4(10, 0, 0, 2), 0),
+            "other hosts unaffected"
+        );
         assert!(!l.is_penalized(k, 60 * SEC));
         assert!(l.hit(k, 60 * SEC).allowed);
     }
@@ -392,8 +399,16 @@ mod tests {
         assert_eq!(l2.hit(k, 1).summary, Some(1));
         assert_eq!(l2.hit(k, 2).summary, None);
         assert!(l2.hit(k, 10 * SEC).allowed);
-        assert_eq!(l2.hit(k, 10 * SEC + 1).summary, Some(2), "a window after the last line");
-        assert_eq!(l2.hit(k, 12 * SEC).summary, None, "window not over since that line");
+        assert_eq!(
+            l2.hit(k, 10 * SEC + 1).summary,
+            Some(2),
+            "a window after the last line"
+        );
+        assert_eq!(
+            l2.hit(k, 12 * SEC).summary,
+            None,
+            "window not over since that line"
+        );
     }
 
     #[test]
@@ -419,7 +434,13 @@ mod tests {
     fn refilled_hosts_are_evicted_oldest_first() {
         let l = limiter(10, 10, 3);
         // T = 1 s. a refills at 1 s, b at 2 s (two hits), c at 1.5 s.
-        let (a, b, c, d, e) = (v4(1, 0, 0, 1), v4(1, 0, 0, 2), v4(1, 0, 0, 3), v4(1, 0, 0, 4), v4(1, 0, 0, 5));
+        let (a, b, c, d, e) = (
+            v4(1, 0, 0, 1),
+            v4(1, 0, 0, 2),
+            v4(1, 0, 0, 3),
+            v4(1, 0, 0, 4),
+            v4(1, 0, 0, 5),
+        );
         assert!(l.hit(a, 0).allowed);
         assert!(l.hit(b, 0).allowed);
         assert!(l.hit(b, 0).allowed);
@@ -445,6 +466,9 @@ mod tests {
         assert!(l.hit(v4(3, 3, 3, 3), 0).allowed);
         let v = l.hit(v4(4, 4, 4, 4), 0);
         assert!(v.overflow && !v.allowed && v.summary == Some(1));
-        assert!(!l.is_penalized(v4(4, 4, 4, 4), 0), "untracked hosts are not refused outright");
+        assert!(
+            !l.is_penalized(v4(4, 4, 4, 4), 0),
+            "untracked hosts are not refused outright"
+        );
     }
 }

@@ -50,7 +50,10 @@ impl Metrics {
             &["outcome"],
         )?;
         let denials = IntCounterVec::new(
-            Opts::new("taskgate_gateway_denials_total", "Denied requests and connections by reason"),
+            Opts::new(
+                "taskgate_gateway_denials_total",
+                "Denied requests and connections by reason",
+            ),
             &["reason"],
         )?;
         let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
@@ -66,7 +69,10 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(denials.clone()))?;
         let reloads = IntCounterVec::new(
-            Opts::new("taskgate_gateway_reloads_total", "Reloads of TLS material and tokens by result"),
+            Opts::new(
+                "taskgate_gateway_reloads_total",
+                "Reloads of TLS material and tokens by result",
+            ),
             &["result"],
         )?;
         registry.register(Box::new(reloads.clone()))?;

@@ -39,7 +39,11 @@ pub struct PrivDrop {
 
 impl PrivDrop {
     /// Resolves `user` and `group`; `None` when neither is given.
-    pub fn resolve(user: Option<&str>, group: Option<&str>, listen: &Addr) -> Result<Option<Self>, PrivError> {
+    pub fn resolve(
+        user: Option<&str>,
+        group: Option<&str>,
+        listen: &Addr,
+    ) -> Result<Option<Self>, PrivError> {
         if user.is_none() && group.is_none() {
             return Ok(None);
         }
@@ -52,10 +56,12 @@ impl PrivDrop {
             None => None,
         };
         let gid = match group {
-            Some(name) => Group::from_name(name)
-                .map_err(|e| PrivError::Sys(e.to_string()))?
-                .ok_or_else(|| PrivError::NoGroup(name.to_string()))?
-                .gid,
+            Some(name) => {
+                Group::from_name(name)
+                    .map_err(|e| PrivError::Sys(e.to_string()))?
+                    .ok_or_else(|| PrivError::NoGroup(name.to_string()))?
+                    .gid
+            }
             None => u.as_ref().map_or_else(Gid::current, |u| u.gid),
         };
         let uid = u.map_or_else(Uid::current, |u| u.uid);
@@ -74,7 +80,10 @@ impl PrivDrop {
         let mut waited = Duration::ZERO;
         while !is_listening(&self.listen) {
             if waited > Duration::from_secs(30) {
-                return Err(PrivError::Sys(format!("{} was not bound within 30s", self.listen)));
+                return Err(PrivError::Sys(format!(
+                    "{} was not bound within 30s",
+                    self.listen
+                )));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
             waited += Duration::from_millis(20);
@@ -84,7 +93,8 @@ impl PrivDrop {
 
     fn apply(&self) -> Result<(), PrivError> {
         if Uid::effective().is_root() {
-            nix::unistd::setgroups(&[self.gid]).map_err(|e| PrivError::Sys(format!("setgroups: {e}")))?;
+            nix::unistd::setgroups(&[self.gid])
+                .map_err(|e| PrivError::Sys(format!("setgroups: {e}")))?;
         }
         nix::unistd::setgid(self.gid).map_err(|e| PrivError::Sys(format!("setgid: {e}")))?;
         nix::unistd::setuid(self.uid).map_err(|e| PrivError::Sys(format!("setuid: {e}")))?;
@@ -92,7 +102,11 @@ impl PrivDrop {
         if !self.uid.is_root() && nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
             return Err(PrivError::Sys("root could be regained after setuid".into()));
         }
-        tracing::info!(uid = self.uid.as_raw(), gid = self.gid.as_raw(), "dropped privileges after binding");
+        tracing::info!(
+            uid = self.uid.as_raw(),
+            gid = self.gid.as_raw(),
+            "dropped privileges after binding"
+        );
         Ok(())
     }
 }

@@ -16,7 +16,10 @@ use pingora::{
     upstreams::peer::HttpPeer,
     Error, ErrorSource, Result,
 };
-use taskgate_shared::{listen::Addr, tokens::{parse_bearer, TokenSet}};
+use taskgate_shared::{
+    listen::Addr,
+    tokens::{parse_bearer, TokenSet},
+};
 
 use crate::{
     audit::{self, Reason},
@@ -52,7 +55,12 @@ const BODY_401: &[u8] = b"unauthorized\n";
 const BODY_404: &[u8] = b"not found\n";
 const BODY_429: &[u8] = b"too many unauthorized requests\n";
 
-fn fixed(status: u16, body: &[u8], close: bool, extra: Option<(&'static str, &'static str)>) -> Result<ResponseHeader> {
+fn fixed(
+    status: u16,
+    body: &[u8],
+    close: bool,
+    extra: Option<(&'static str, &'static str)>,
+) -> Result<ResponseHeader> {
     let mut h = ResponseHeader::build(status, Some(4))?;
     h.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
@@ -88,7 +96,12 @@ pub struct Ctx {
 
 impl Gateway {
     /// Builds the proxy from the configuration and the shared pieces.
-    pub fn new(cfg: &Config, tokens: Tokens, limiter: Arc<Limiter>, metrics: Arc<Metrics>) -> Result<Self, ProxyError> {
+    pub fn new(
+        cfg: &Config,
+        tokens: Tokens,
+        limiter: Arc<Limiter>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ProxyError> {
         let up_err = |reason: String| ProxyError::Upstream {
             addr: cfg.upstream.to_string(),
             reason,
@@ -112,7 +125,12 @@ impl Gateway {
             peer,
             idle_secs: cfg.idle_timeout.as_secs().max(1),
             fixed: Fixed {
-                unauthorized: mk(fixed(401, BODY_401, false, Some(("www-authenticate", "Bearer"))))?,
+                unauthorized: mk(fixed(
+                    401,
+                    BODY_401,
+                    false,
+                    Some(("www-authenticate", "Bearer")),
+                ))?,
                 not_found: mk(fixed(404, BODY_404, false, None))?,
                 too_many: mk(fixed(429, BODY_429, true, None))?,
             },
@@ -160,12 +178,16 @@ impl Gateway {
     }
 
     async fn serve_own_metrics(&self, session: &mut Session) -> Result<bool> {
-        let body = self.metrics.render(self.limiter.len(), self.limiter.capacity());
+        let body = self
+            .metrics
+            .render(self.limiter.len(), self.limiter.capacity());
         let mut h = ResponseHeader::build(200, Some(2))?;
         h.insert_header(header::CONTENT_TYPE, "text/plain; version=0.0.4")?;
         h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
         session.write_response_header(Box::new(h), false).await?;
-        session.write_response_body(Some(Bytes::from(body)), true).await?;
+        session
+            .write_response_body(Some(Bytes::from(body)), true)
+            .await?;
         self.metrics.served.inc();
         Ok(true)
     }

@@ -43,9 +43,13 @@ pub struct Reloader {
 type Stamp = Option<(SystemTime, u64, u64)>;
 
 fn stamp(path: &PathBuf) -> Stamp {
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), m.ino()))
+    std::fs::metadata(path).ok().map(|m| {
+        (
+            m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            m.len(),
+            m.ino(),
+        )
+    })
 }
 
 impl Reloader {

@@ -73,10 +73,11 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, 
     let private = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| file_err("--tls-key", key, format!("no usable private key ({e})")))?;
     let provider = provider();
-    let certified = CertifiedKey::from_der(chain, private, &provider).map_err(|e| TlsError::Rejected {
-        key: "--tls-key",
-        reason: format!("the key does not fit the certificate or is unsupported: {e}"),
-    })?;
+    let certified =
+        CertifiedKey::from_der(chain, private, &provider).map_err(|e| TlsError::Rejected {
+            key: "--tls-key",
+            reason: format!("the key does not fit the certificate or is unsupported: {e}"),
+        })?;
     Ok(Arc::new(certified))
 }
 
@@ -88,12 +89,20 @@ pub fn load_client_verifier(ca: &Path) -> Result<Arc<dyn ClientCertVerifier>, Tl
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_err("--tls-client-ca", ca, e))?;
     if certs.is_empty() {
-        return Err(file_err("--tls-client-ca", ca, "no CERTIFICATE in the file"));
+        return Err(file_err(
+            "--tls-client-ca",
+            ca,
+            "no CERTIFICATE in the file",
+        ));
     }
     for c in certs {
-        roots
-            .add(c)
-            .map_err(|e| file_err("--tls-client-ca", ca, format!("not a usable CA certificate: {e}")))?;
+        roots.add(c).map_err(|e| {
+            file_err(
+                "--tls-client-ca",
+                ca,
+                format!("not a usable CA certificate: {e}"),
+            )
+        })?;
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
@@ -156,12 +165,19 @@ impl ClientCertVerifier for ReloadingVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.current.load().0.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .current
+            .load()
+            .0
+            .verify_client_cert(end_entity, intermediates, now)?;
         if self.allowed_sans.is_empty() {
             return Ok(verified);
         }
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e)))))?;
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
         if self
             .allowed_sans
             .iter()
@@ -181,7 +197,10 @@ impl ClientCertVerifier for ReloadingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current.load().0.verify_tls12_signature(message, cert, dss)
+        self.current
+            .load()
+            .0
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -190,7 +209,10 @@ impl ClientCertVerifier for ReloadingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current.load().0.verify_tls13_signature(message, cert, dss)
+        self.current
+            .load()
+            .0
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -21,7 +21,11 @@ fn gateway(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 fn bad_configuration_exits_64_with_one_line_naming_every_bad_key() {
     let dir = tempfile::tempdir().unwrap();
     let toml = dir.path().join("gateway.toml");
-    std::fs::write(&toml, "listen = \"127.0.0.1:9443\"\n[metrics]\nauth_limt = 3\n").unwrap();
+    std::fs::write(
+        &toml,
+        "listen = \"127.0.0.1:9443\"\n[metrics]\nauth_limt = 3\n",
+    )
+    .unwrap();
     let out = gateway(&["--config", toml.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -29,13 +33,26 @@ fn bad_configuration_exits_64_with_one_line_naming_every_bad_key() {
     assert!(err.contains("auth_limt"), "{err}");
 
     let out = gateway(
-        &["--listen", "127.0.0.1:1", "--upstream", "10.0.0.1:80", "--allow-cidr", "10.0.0.0/33", "--insecure-plaintext"],
+        &[
+            "--listen",
+            "127.0.0.1:1",
+            "--upstream",
+            "10.0.0.1:80",
+            "--allow-cidr",
+            "10.0.0.0/33",
+            "--insecure-plaintext",
+        ],
         &[("METRICS_AUTH_WINDOW", "soon")],
     );
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    for key in ["--upstream", "--allow-cidr", "METRICS_AUTH_WINDOW", "no token configured"] {
+    for key in [
+        "--upstream",
+        "--allow-cidr",
+        "METRICS_AUTH_WINDOW",
+        "no token configured",
+    ] {
         assert!(err.contains(key), "{key} not in {err}");
     }
 }
@@ -59,9 +76,16 @@ fn check_config_validates_files_and_exits() {
     )
     .unwrap();
     let out = gateway(&["--config", toml.to_str().unwrap(), "--check-config"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("configuration ok") && said.contains("mTLS"), "{said}");
+    assert!(
+        said.contains("configuration ok") && said.contains("mTLS"),
+        "{said}"
+    );
     assert!(!said.contains(TOKEN_A));
 
     // A key that is not a key: a clear start-up error, not a panic.
@@ -69,24 +93,44 @@ fn check_config_validates_files_and_exits() {
     let out = gateway(&["--config", toml.to_str().unwrap(), "--check-config"], &[]);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--tls-key") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("--tls-key") && !err.contains("panicked"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn sigterm_shuts_down_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path()).await;
-    let args: Vec<String> = ["--upstream", &format!("unix:{}", up.socket.display()), "--insecure-plaintext", "--shutdown-grace", "1s"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "--upstream",
+        &format!("unix:{}", up.socket.display()),
+        "--insecure-plaintext",
+        "--shutdown-grace",
+        "1s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let mut gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
-    assert_eq!(Client::plain().get(gw.addr, "/healthz", Some(TOKEN_A)).await.unwrap().0, 200);
+    assert_eq!(
+        Client::plain()
+            .get(gw.addr, "/healthz", Some(TOKEN_A))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
     gw.signal("TERM");
-    let status = eventually("gateway exits after SIGTERM", Duration::from_secs(15), || {
-        let s = gw.child.try_wait().ok().flatten();
-        async move { s }
-    })
+    let status = eventually(
+        "gateway exits after SIGTERM",
+        Duration::from_secs(15),
+        || {
+            let s = gw.child.try_wait().ok().flatten();
+            async move { s }
+        },
+    )
     .await;
     assert!(status.success(), "{status}");
     assert!(gw.logs().iter().any(|l| l.contains("gateway stopped")));
@@ -94,22 +138,45 @@ async fn sigterm_shuts_down_gracefully() {
 
 #[tokio::test]
 async fn privileges_are_dropped_after_binding() {
-    if !std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:\t0\t")) {
+    if !std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:\t0\t"))
+    {
         eprintln!("skipped: needs root to test dropping it");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path()).await;
-    let args: Vec<String> = ["--upstream", &format!("unix:{}", up.socket.display()), "--insecure-plaintext", "--user", "nobody"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "--upstream",
+        &format!("unix:{}", up.socket.display()),
+        "--insecure-plaintext",
+        "--user",
+        "nobody",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
     eventually("gateway runs as nobody", Duration::from_secs(10), || {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap_or_default();
-        async move { status.lines().any(|l| l.starts_with("Uid:\t65534\t65534\t65534")).then_some(()) }
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap_or_default();
+        async move {
+            status
+                .lines()
+                .any(|l| l.starts_with("Uid:\t65534\t65534\t65534"))
+                .then_some(())
+        }
     })
     .await;
     // Still serving on the socket bound as root.
-    assert_eq!(Client::plain().get(gw.addr, "/metrics", None).await.unwrap().0, 401);
+    assert_eq!(
+        Client::plain()
+            .get(gw.addr, "/metrics", None)
+            .await
+            .unwrap()
+            .0,
+        401
+    );
 }

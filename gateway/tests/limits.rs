@@ -33,17 +33,34 @@ async fn over_the_limit_gets_429_other_hosts_unaffected_and_recovery_after_the_w
 
     let mut conn = a.connect(gw.addr).await.unwrap();
     for _ in 0..3 {
-        assert_eq!(send(&mut conn, "/metrics", Some("bad-token-xxxxxxxxxxxxx")).await.unwrap().0, 401);
+        assert_eq!(
+            send(&mut conn, "/metrics", Some("bad-token-xxxxxxxxxxxxx"))
+                .await
+                .unwrap()
+                .0,
+            401
+        );
     }
-    let (status, _) = send(&mut conn, "/metrics", Some("bad-token-xxxxxxxxxxxxx")).await.unwrap();
+    let (status, _) = send(&mut conn, "/metrics", Some("bad-token-xxxxxxxxxxxxx"))
+        .await
+        .unwrap();
     assert_eq!(status, 429);
-    assert!(send(&mut conn, "/metrics", Some(TOKEN_A)).await.is_err(), "429 closes the connection");
+    assert!(
+        send(&mut conn, "/metrics", Some(TOKEN_A)).await.is_err(),
+        "429 closes the connection"
+    );
     // While penalized, even a good token is refused, and more hits add no log lines.
     for _ in 0..5 {
-        assert_eq!(a.get(gw.addr, "/metrics", Some(TOKEN_A)).await.unwrap().0, 429);
+        assert_eq!(
+            a.get(gw.addr, "/metrics", Some(TOKEN_A)).await.unwrap().0,
+            429
+        );
     }
     // Another host is unaffected.
-    assert_eq!(b.get(gw.addr, "/metrics", Some(TOKEN_A)).await.unwrap().0, 200);
+    assert_eq!(
+        b.get(gw.addr, "/metrics", Some(TOKEN_A)).await.unwrap().0,
+        200
+    );
     assert_eq!(b.get(gw.addr, "/metrics", None).await.unwrap().0, 401);
 
     eventually("host A recovers after the window", Duration::from_secs(15), || {
@@ -54,8 +71,16 @@ async fn over_the_limit_gets_429_other_hosts_unaffected_and_recovery_after_the_w
     .await;
 
     assert_eq!(gw.wait_audit("bad_token", 3).await, 3);
-    let limited: Vec<_> = gw.audit().into_iter().filter(|v| v["reason"] == "rate_limited").collect();
-    assert_eq!(limited.len(), 1, "one summary line per window, not one per request: {limited:?}");
+    let limited: Vec<_> = gw
+        .audit()
+        .into_iter()
+        .filter(|v| v["reason"] == "rate_limited")
+        .collect();
+    assert_eq!(
+        limited.len(),
+        1,
+        "one summary line per window, not one per request: {limited:?}"
+    );
     assert_eq!(limited[0]["host"], "127.0.0.2");
 }
 
@@ -63,9 +88,11 @@ async fn over_the_limit_gets_429_other_hosts_unaffected_and_recovery_after_the_w
 async fn bad_hit(gw: SocketAddr, source: std::net::IpAddr) -> u16 {
     let client = Client::plain().from(&source.to_string());
     let mut tcp = client.tcp(gw).await.expect("connect");
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong-token-xxxxxxxxx\r\n\r\n")
-        .await
-        .unwrap();
+    tcp.write_all(
+        b"GET /metrics HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong-token-xxxxxxxxx\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let mut buf = [0u8; 12];
     tcp.read_exact(&mut buf).await.expect("status line");
     std::str::from_utf8(&buf[9..12]).unwrap().parse().unwrap()
@@ -73,7 +100,10 @@ async fn bad_hit(gw: SocketAddr, source: std::net::IpAddr) -> u16 {
 
 fn metric(body: &str, name: &str) -> u64 {
     body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
         .unwrap_or_else(|| panic!("{name} missing")) as u64
 }
 
@@ -81,10 +111,14 @@ fn metric(body: &str, name: &str) -> u64 {
 async fn flood_from_50000_addresses_keeps_the_table_bounded_and_the_penalty() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path()).await;
-    let args: Vec<String> = ["--upstream", &format!("unix:{}", up.socket.display()), "--insecure-plaintext"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "--upstream",
+        &format!("unix:{}", up.socket.display()),
+        "--insecure-plaintext",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let gw = Gateway::start(
         &args,
         &[
@@ -123,7 +157,8 @@ async fn flood_from_50000_addresses_keeps_the_table_bounded_and_the_penalty() {
                         next.fetch_min(end, Ordering::Relaxed);
                         return statuses;
                     }
-                    let ip = std::net::Ipv4Addr::new(127, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
+                    let ip =
+                        std::net::Ipv4Addr::new(127, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
                     match bad_hit(addr, ip.into()).await {
                         401 => statuses[0] += 1,
                         429 => statuses[1] += 1,
@@ -136,8 +171,19 @@ async fn flood_from_50000_addresses_keeps_the_table_bounded_and_the_penalty() {
             t.await.unwrap();
         }
         // Throughout: the penalized host stays penalized, the table stays bounded.
-        assert_eq!(victim_client.get(gw.addr, "/metrics", Some(TOKEN_A)).await.unwrap().0, 429, "batch {batch}");
-        let (status, body) = scraper.get(gw.addr, "/gateway/metrics", Some(TOKEN_A)).await.unwrap();
+        assert_eq!(
+            victim_client
+                .get(gw.addr, "/metrics", Some(TOKEN_A))
+                .await
+                .unwrap()
+                .0,
+            429,
+            "batch {batch}"
+        );
+        let (status, body) = scraper
+            .get(gw.addr, "/gateway/metrics", Some(TOKEN_A))
+            .await
+            .unwrap();
         assert_eq!(status, 200);
         let entries = metric(&body, "taskgate_gateway_limiter_entries");
         assert!(entries <= 1000, "table grew to {entries}");
@@ -146,10 +192,17 @@ async fn flood_from_50000_addresses_keeps_the_table_bounded_and_the_penalty() {
             rss_after_first_batch = gw.rss_kb();
         }
     }
-    let (_, body) = scraper.get(gw.addr, "/gateway/metrics", Some(TOKEN_A)).await.unwrap();
+    let (_, body) = scraper
+        .get(gw.addr, "/gateway/metrics", Some(TOKEN_A))
+        .await
+        .unwrap();
     assert_eq!(metric(&body, "taskgate_gateway_limiter_entries"), 1000);
     assert!(metric(&body, "taskgate_gateway_limiter_overflow_hits_total") >= 48_000);
-    assert_eq!(metric(&body, "taskgate_gateway_limiter_evictions_total"), 0, "nobody had refilled");
+    assert_eq!(
+        metric(&body, "taskgate_gateway_limiter_evictions_total"),
+        0,
+        "nobody had refilled"
+    );
     let rss_end = gw.rss_kb();
     eprintln!(
         "50k flood: {:?}, max entries {max_entries}, RSS after 5k {rss_after_first_batch} kB, after 50k {rss_end} kB",

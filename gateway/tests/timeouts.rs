@@ -26,24 +26,37 @@ async fn slowloris_is_cut_within_the_header_deadline() {
         let roots = {
             let mut r = rustls::RootCertStore::empty();
             use rustls::pki_types::pem::PemObject;
-            r.add(rustls::pki_types::CertificateDer::from_pem_slice(pki.ca.cert_pem.as_bytes()).unwrap()).unwrap();
+            r.add(
+                rustls::pki_types::CertificateDer::from_pem_slice(pki.ca.cert_pem.as_bytes())
+                    .unwrap(),
+            )
+            .unwrap();
             r
         };
         use rustls::pki_types::pem::PemObject;
-        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                vec![rustls::pki_types::CertificateDer::from_pem_slice(pki.client.cert_pem.as_bytes()).unwrap()],
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(pki.client.key_pem.as_bytes()).unwrap(),
-            )
-            .unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![
+                rustls::pki_types::CertificateDer::from_pem_slice(pki.client.cert_pem.as_bytes())
+                    .unwrap(),
+            ],
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(pki.client.key_pem.as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
         (tcp, std::sync::Arc::new(cfg))
     };
     let (tcp, cfg) = cfg;
     let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
         .await
         .unwrap();
     let (mut rd, mut wr) = tokio::io::split(tls);
@@ -64,18 +77,34 @@ async fn slowloris_is_cut_within_the_header_deadline() {
         .unwrap_or(0);
     let took = start.elapsed();
     trickle.abort();
-    assert!(n == 0 || !String::from_utf8_lossy(&buf[..n]).contains("200"), "no answer to a trickled head");
-    assert!(took >= Duration::from_millis(900), "cut too early: {took:?}");
+    assert!(
+        n == 0 || !String::from_utf8_lossy(&buf[..n]).contains("200"),
+        "no answer to a trickled head"
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "cut too early: {took:?}"
+    );
     assert!(took < Duration::from_secs(3), "cut too late: {took:?}");
     assert_eq!(up.calls(), 0);
 
     // A client that sends nothing at all is cut too.
     let mut idle = client.connect(gw.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(send(&mut idle, "/metrics", Some(TOKEN_A)).await.is_err(), "silent connection was closed");
+    assert!(
+        send(&mut idle, "/metrics", Some(TOKEN_A)).await.is_err(),
+        "silent connection was closed"
+    );
 
     // A well-behaved client in between is served.
-    assert_eq!(client.get(gw.addr, "/metrics", Some(TOKEN_A)).await.unwrap().0, 200);
+    assert_eq!(
+        client
+            .get(gw.addr, "/metrics", Some(TOKEN_A))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
 }
 
 #[tokio::test]
@@ -90,7 +119,10 @@ async fn sse_stream_arrives_event_by_event() {
     let client = Client::tls(&pki.ca, Some(&pki.client));
     let mut conn = client.connect(gw.addr).await.unwrap();
     conn.ready().await.unwrap();
-    let resp = conn.send_request(request("/events", Some(TOKEN_A))).await.unwrap();
+    let resp = conn
+        .send_request(request("/events", Some(TOKEN_A)))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
@@ -101,7 +133,9 @@ async fn sse_stream_arrives_event_by_event() {
         while !got.contains(expected) {
             let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
                 .await
-                .unwrap_or_else(|_| panic!("event {i} not delivered while the upstream holds the next one"))
+                .unwrap_or_else(|_| {
+                    panic!("event {i} not delivered while the upstream holds the next one")
+                })
                 .expect("stream open")
                 .expect("frame");
             if let Ok(data) = frame.into_data() {

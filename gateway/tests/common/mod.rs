@@ -19,7 +19,10 @@ use http_body_util::{BodyExt, Empty};
 use hyper::{client::conn::http1::SendRequest, Request};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
-use taskgate_test_support::{eventually::eventually, pki::{Ca, CertKey}};
+use taskgate_test_support::{
+    eventually::eventually,
+    pki::{Ca, CertKey},
+};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader as TokioBufReader},
     net::{TcpSocket, UnixListener},
@@ -128,7 +131,15 @@ impl Pki {
         let (cert, key) = ca.server(&["localhost", "127.0.0.1"]).write(dir, "server");
         let client = ca.client(&["prometheus.monitoring.svc"]);
         let foreign_client = other_ca.client(&["prometheus.monitoring.svc"]);
-        Pki { ca, other_ca, ca_file, cert, key, client, foreign_client }
+        Pki {
+            ca,
+            other_ca,
+            ca_file,
+            cert,
+            key,
+            client,
+            foreign_client,
+        }
     }
 }
 
@@ -142,7 +153,11 @@ pub struct Gateway {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// True when something listens on `port` (read from /proc, so no connection is made and
@@ -184,7 +199,11 @@ impl Gateway {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut gw = Gateway { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), logs };
+        let mut gw = Gateway {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            logs,
+        };
         eventually("gateway listening", Duration::from_secs(20), || {
             let up = is_listening(port);
             let exited = gw.child.try_wait().ok().flatten();
@@ -218,11 +237,15 @@ impl Gateway {
     }
 
     pub fn audit_reasons(&self, reason: &str) -> usize {
-        self.audit().iter().filter(|v| v["reason"] == reason).count()
+        self.audit()
+            .iter()
+            .filter(|v| v["reason"] == reason)
+            .count()
     }
 
     pub fn rss_kb(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -231,7 +254,10 @@ impl Gateway {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 }
@@ -279,13 +305,18 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 impl Client {
     pub fn plain() -> Client {
-        Client { tls: None, source: None }
+        Client {
+            tls: None,
+            source: None,
+        }
     }
 
     /// Trusts `ca`; presents `cert` when given.
     pub fn tls(ca: &Ca, cert: Option<&CertKey>) -> Client {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap()).unwrap();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
+            .unwrap();
         let b = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap()
@@ -299,7 +330,10 @@ impl Client {
                 .unwrap(),
             None => b.with_no_client_auth(),
         };
-        Client { tls: Some(Arc::new(cfg)), source: None }
+        Client {
+            tls: Some(Arc::new(cfg)),
+            source: None,
+        }
     }
 
     pub fn from(mut self, ip: &str) -> Client {
@@ -331,7 +365,12 @@ impl Client {
     }
 
     /// One request on a fresh connection.
-    pub async fn get(&self, addr: SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String), String> {
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<(u16, String), String> {
         let mut conn = self.connect(addr).await?;
         send(&mut conn, path, token).await
     }
@@ -354,11 +393,23 @@ pub fn request(path: &str, token: Option<&str>) -> Request<Empty<Bytes>> {
 }
 
 /// Sends a GET on an open connection and reads the whole answer.
-pub async fn send(conn: &mut Conn, path: &str, token: Option<&str>) -> Result<(u16, String), String> {
+pub async fn send(
+    conn: &mut Conn,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String), String> {
     conn.ready().await.map_err(|e| format!("not ready: {e}"))?;
-    let resp = conn.send_request(request(path, token)).await.map_err(|e| format!("request: {e}"))?;
+    let resp = conn
+        .send_request(request(path, token))
+        .await
+        .map_err(|e| format!("request: {e}"))?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
@@ -374,19 +425,27 @@ impl Gateway {
     /// Waits until `n` audit lines with `reason` were logged (log lines travel through a
     /// pipe, so they arrive a little after the response), then returns the exact count.
     pub async fn wait_audit(&self, reason: &str, n: usize) -> usize {
-        eventually(&format!("{n} audit lines with reason {reason}"), Duration::from_secs(10), || {
-            let have = self.audit_reasons(reason);
-            async move { (have >= n).then_some(have) }
-        })
+        eventually(
+            &format!("{n} audit lines with reason {reason}"),
+            Duration::from_secs(10),
+            || {
+                let have = self.audit_reasons(reason);
+                async move { (have >= n).then_some(have) }
+            },
+        )
         .await
     }
 
     /// Waits until a log line contains `text`.
     pub async fn wait_log(&self, text: &str) {
-        eventually(&format!("log line containing {text:?}"), Duration::from_secs(10), || {
-            let found = self.logs().iter().any(|l| l.contains(text));
-            async move { found.then_some(()) }
-        })
+        eventually(
+            &format!("log line containing {text:?}"),
+            Duration::from_secs(10),
+            || {
+                let found = self.logs().iter().any(|l| l.contains(text));
+                async move { found.then_some(()) }
+            },
+        )
         .await
     }
 }
