@@ -67,6 +67,16 @@ pub enum Command {
     },
     /// Run the worker daemon.
     Run(Box<RunArgs>),
+    /// Query the worker's /healthz on its local listener; exit 0 when healthy, 1 if not
+    /// (for kubelet and systemd exec probes).
+    Healthcheck {
+        /// The worker's listener (default: [listen] metrics from the config file).
+        #[arg(long, env = "TASKGATE_METRICS_LISTEN")]
+        metrics_listen: Option<String>,
+        /// How long to wait for an answer.
+        #[arg(long, default_value = "3s")]
+        timeout: String,
+    },
 }
 
 /// `worker enqueue`.

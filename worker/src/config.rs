@@ -126,6 +126,8 @@ pub struct Common {
     pub log_level: Option<String>,
     /// Rolling log directory.
     pub log_dir: Option<PathBuf>,
+    /// `[listen] metrics` from the file (for `worker healthcheck`).
+    pub file_metrics_listen: Option<String>,
 }
 
 /// Settings of `worker run`.
@@ -235,6 +237,7 @@ impl Config {
             log_format: cli.log_format.clone().or_else(|| w.log_format.clone()),
             log_level: cli.log_level.clone().or_else(|| w.log_level.clone()),
             log_dir: cli.log_dir.clone().or_else(|| w.log_dir.clone()),
+            file_metrics_listen: file.listen.metrics.clone(),
         };
 
         let run = run.map(|r| build_run(r, &file, &common, &mut errs));

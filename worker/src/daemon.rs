@@ -9,9 +9,12 @@ use crate::{
     commands,
     config::{Common, RunConfig},
     events::EventBus,
+    http::{self, AppState, Limits},
     metrics::Metrics,
     plan::Plan,
+    privdrop,
     runner::{self, Settings},
+    store::Store,
     Error,
 };
 
@@ -30,10 +33,28 @@ pub async fn run(common: &Common, cfg: &RunConfig) -> Result<(), Error> {
             "refusing to run tasks as root; pass --user NAME to drop privileges after binding, or --allow-root if you really mean it".into(),
         ));
     }
-    if cfg.user.is_some() || cfg.group.is_some() {
-        return Err(Error::Usage(
-            "--user/--group: privilege drop is not available in this build yet; start the worker as the target user".into(),
-        ));
+    // Bind first (the socket path may need root), then give root up for good.
+    let listener = match &cfg.metrics_listen {
+        Some(addr) => Some(
+            http::bind(addr, cfg.socket_mode, cfg.socket_group.as_deref())
+                .map_err(|e| Error::Usage(e.to_string()))?,
+        ),
+        None => {
+            tracing::warn!("no --metrics-listen: /metrics, /healthz and /events are not served");
+            None
+        }
+    };
+    if let Some(user) = &cfg.user {
+        let hand_over: Vec<&std::path::Path> = common.log_dir.iter().map(|p| p.as_path()).collect();
+        let id = privdrop::drop_to(user, cfg.group.as_deref(), &hand_over)
+            .map_err(|e| Error::Usage(e.to_string()))?;
+        tracing::info!(
+            uid = id.uid.as_raw(),
+            gid = id.gid.as_raw(),
+            "dropped privileges"
+        );
+    } else if cfg.group.is_some() {
+        return Err(Error::Usage("--group needs --user".into()));
     }
     let pool_size = (cfg.concurrency as u32 / 4).clamp(4, 16);
     let store = commands::open(common, pool_size).await?;
@@ -89,6 +110,24 @@ pub async fn run(common: &Common, cfg: &RunConfig) -> Result<(), Error> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
 
+    let server = listener.map(|l| {
+        let limits = Limits::default();
+        let app = http::router(AppState {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            events: events.clone(),
+            shutdown: shutdown.clone(),
+            limits,
+        });
+        tokio::spawn(http::serve(l, app, limits, shutdown.clone()))
+    });
+    let sampler = tokio::spawn(sample_queue_depth(
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    notify_systemd(&shutdown);
+
     tracing::info!(
         owner = %owner,
         backend = store.backend(),
@@ -99,7 +138,14 @@ pub async fn run(common: &Common, cfg: &RunConfig) -> Result<(), Error> {
         prod_build = cfg!(feature = "prod"),
         "worker started"
     );
-    runner::run(store, settings, plan, metrics, events, shutdown).await;
+    runner::run(store, settings, plan, metrics, events, shutdown.clone()).await;
+    // A drain ends the runner by itself: stop the rest too.
+    shutdown.cancel();
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    let _ = sampler.await;
     drop(payload_dir);
     tracing::info!("worker stopped");
     Ok(())
@@ -147,4 +193,50 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), Error> {
         }
     });
     Ok(())
+}
+
+/// Samples task counts by queue and state every 10 s for the `taskgate_tasks` gauge, so
+/// a scrape never costs a database query.
+async fn sample_queue_depth(store: Arc<dyn Store>, metrics: Metrics, shutdown: CancellationToken) {
+    loop {
+        match store.count_by_state().await {
+            Ok(counts) => {
+                metrics.queue_depth.reset();
+                for c in counts {
+                    metrics
+                        .queue_depth
+                        .with_label_values(&[&c.queue, &c.state])
+                        .set(c.count);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "sampling queue depth failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
+}
+
+/// Tells systemd we are ready (`Type=notify`) and pings its watchdog at half the
+/// interval it asks for. Both are no-ops outside systemd.
+fn notify_systemd(shutdown: &CancellationToken) {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::debug!(error = %e, "sd_notify READY failed");
+    }
+    let mut usec = 0;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = Duration::from_micros(usec / 2);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                    }
+                }
+            }
+        });
+    }
 }

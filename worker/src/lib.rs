@@ -14,7 +14,9 @@
 //! - [`executor`]: one subprocess per attempt; [`plan`]: its command and environment.
 //! - [`modules`]: module names and the allow-list; [`retry`]: back-off.
 //! - [`store`]: the store trait and its PostgreSQL and SQLite drivers.
+//! - [`http`]: `/metrics`, `/healthz`, `/events` on a Unix socket or loopback.
 //! - [`metrics`], [`events`]: what the worker reports.
+//! - [`privdrop`]: switching from root to the service user.
 //! - `sys`: the few `unsafe` OS calls.
 #![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -25,9 +27,11 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod executor;
+pub mod http;
 pub mod metrics;
 pub mod modules;
 pub mod plan;
+pub mod privdrop;
 pub mod retry;
 pub mod runner;
 pub mod store;
@@ -79,6 +83,13 @@ pub async fn run(cli: &cli::Cli, config: &config::Config) -> Result<(), Error> {
         cli::Command::Enqueue(args) => commands::enqueue(&config.common, args, &mut stdout).await,
         cli::Command::Status { id } => commands::status(&config.common, *id, &mut stdout).await,
         cli::Command::Cancel { id } => commands::cancel(&config.common, *id, &mut stdout).await,
+        cli::Command::Healthcheck {
+            metrics_listen,
+            timeout,
+        } => {
+            drop(stdout);
+            healthcheck(&config.common, metrics_listen.as_deref(), timeout).await
+        }
         cli::Command::Run(_) => {
             drop(stdout);
             let run = config
@@ -87,5 +98,29 @@ pub async fn run(cli: &cli::Cli, config: &config::Config) -> Result<(), Error> {
                 .ok_or_else(|| Error::Failed("internal: run settings missing".into()))?;
             daemon::run(&config.common, run).await
         }
+    }
+}
+
+async fn healthcheck(
+    common: &config::Common,
+    flag: Option<&str>,
+    timeout: &str,
+) -> Result<(), Error> {
+    let text = flag
+        .or(common.file_metrics_listen.as_deref())
+        .ok_or_else(|| {
+            Error::Usage(
+                "healthcheck needs --metrics-listen (or [listen] metrics in the config file)"
+                    .into(),
+            )
+        })?;
+    let addr = taskgate_shared::listen::Addr::parse_local_for("--metrics-listen", text)
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    let timeout = taskgate_shared::config::parse_duration("--timeout", timeout)
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    match http::probe(&addr, timeout).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::Failed(format!("{addr}: unhealthy"))),
+        Err(e) => Err(Error::Failed(e)),
     }
 }

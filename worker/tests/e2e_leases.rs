@@ -31,12 +31,23 @@ async fn paused_worker_is_fenced(env: Env) {
     // Let A's first executor finish, then wake A: its write for fence 1 must be refused.
     env.wait_ledger(&format!("end {id} 1"), Duration::from_secs(20));
     a.signal(Signal::SIGCONT);
-    eventually_blocking("A notices it lost the lease", Duration::from_secs(20), || {
-        let logs = a.logs();
-        (logs.contains("stale write rejected") || logs.contains("lease lost")).then_some(())
-    });
+    eventually_blocking(
+        "A notices it lost the lease",
+        Duration::from_secs(20),
+        || {
+            let logs = a.logs();
+            (logs.contains("stale write rejected") || logs.contains("lease lost")).then_some(())
+        },
+    );
     let s = env.status(id);
-    assert_eq!((s["state"].as_str(), s["attempt"].as_i64(), s["fence"].as_i64()), (Some("succeeded"), Some(2), Some(2)));
+    assert_eq!(
+        (
+            s["state"].as_str(),
+            s["attempt"].as_i64(),
+            s["fence"].as_i64()
+        ),
+        (Some("succeeded"), Some(2), Some(2))
+    );
     assert!(s["last_error"].is_null());
 }
 
@@ -51,20 +62,28 @@ async fn sqlite_paused_worker_is_fenced() {
 }
 
 async fn killed_worker_loses_nothing(env: Env) {
-    let runner = env.script("exec.sh", "echo \"start $TASK_ID $TASK_ATTEMPT $$\" >> LEDGER\n\
+    let runner = env.script(
+        "exec.sh",
+        "echo \"start $TASK_ID $TASK_ATTEMPT $$\" >> LEDGER\n\
         if [ \"$TASK_ATTEMPT\" = 1 ]; then exec sleep 60; fi\n\
-        echo \"end $TASK_ID $TASK_ATTEMPT\" >> LEDGER");
+        echo \"end $TASK_ID $TASK_ATTEMPT\" >> LEDGER",
+    );
     let id = env.enqueue_many("tasks.slow", 1, &[])[0];
     let a = env.worker("a", &runner, &["--lease-ttl", "1s"]);
     let line = env.wait_ledger("start", Duration::from_secs(20));
     let executor_pid: i32 = line.split(' ').nth(3).unwrap().parse().unwrap();
     assert!(alive(executor_pid));
     a.signal(Signal::SIGKILL);
-    eventually_blocking("orphaned executor to die", Duration::from_secs(10), || (!alive(executor_pid)).then_some(()));
+    eventually_blocking("orphaned executor to die", Duration::from_secs(10), || {
+        (!alive(executor_pid)).then_some(())
+    });
     let mut b = env.worker("b", &runner, &["--lease-ttl", "1s", "--drain"]);
     assert!(b.wait(Duration::from_secs(30)).success(), "{}", b.logs());
     let s = env.status(id);
-    assert_eq!((s["state"].as_str(), s["attempt"].as_i64()), (Some("succeeded"), Some(2)));
+    assert_eq!(
+        (s["state"].as_str(), s["attempt"].as_i64()),
+        (Some("succeeded"), Some(2))
+    );
     assert!(env.ledger_lines().contains(&format!("end {id} 2")));
 }
 
@@ -81,9 +100,16 @@ async fn sqlite_killed_worker_loses_nothing() {
 #[tokio::test]
 async fn shutdown_releases_unfinished_tasks() {
     let env = Env::sqlite().await;
-    let runner = env.script("exec.sh", "echo \"start $TASK_ID $$\" >> LEDGER\nexec sleep 60");
+    let runner = env.script(
+        "exec.sh",
+        "echo \"start $TASK_ID $$\" >> LEDGER\nexec sleep 60",
+    );
     let id = env.enqueue_many("tasks.slow", 1, &[])[0];
-    let mut a = env.worker("a", &runner, &["--shutdown-grace", "200ms", "--kill-grace", "1s"]);
+    let mut a = env.worker(
+        "a",
+        &runner,
+        &["--shutdown-grace", "200ms", "--kill-grace", "1s"],
+    );
     let line = env.wait_ledger("start", Duration::from_secs(20));
     let executor_pid: i32 = line.split(' ').nth(2).unwrap().parse().unwrap();
     a.signal(Signal::SIGTERM);
@@ -91,15 +117,26 @@ async fn shutdown_releases_unfinished_tasks() {
     assert!(!alive(executor_pid), "executor outlived the worker");
     let s = env.status(id);
     // Released: claimable at once, and the interrupted attempt does not count.
-    assert_eq!((s["state"].as_str(), s["attempt"].as_i64()), (Some("queued"), Some(0)), "{s}");
+    assert_eq!(
+        (s["state"].as_str(), s["attempt"].as_i64()),
+        (Some("queued"), Some(0)),
+        "{s}"
+    );
 }
 
 #[tokio::test]
 async fn cancel_stops_a_running_task() {
     let env = Env::postgres().await;
-    let runner = env.script("exec.sh", "echo \"start $TASK_ID $$\" >> LEDGER\nexec sleep 60");
+    let runner = env.script(
+        "exec.sh",
+        "echo \"start $TASK_ID $$\" >> LEDGER\nexec sleep 60",
+    );
     let id = env.enqueue_many("tasks.slow", 1, &[])[0];
-    let _a = env.worker("a", &runner, &["--lease-ttl", "900ms", "--kill-grace", "1s"]);
+    let _a = env.worker(
+        "a",
+        &runner,
+        &["--lease-ttl", "900ms", "--kill-grace", "1s"],
+    );
     let line = env.wait_ledger("start", Duration::from_secs(20));
     let executor_pid: i32 = line.split(' ').nth(2).unwrap().parse().unwrap();
     let out = env.ok(&["cancel", &id.to_string()]);

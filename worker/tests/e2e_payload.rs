@@ -12,16 +12,30 @@ use taskgate_test_support::eventually::eventually_blocking;
 const CANARY: &str = "CANARY-7f3a9c1e-payload";
 
 fn ps_output() -> String {
-    let out = std::process::Command::new("ps").args(["-eww", "-o", "pid,args"]).output().unwrap();
+    let out = std::process::Command::new("ps")
+        .args(["-eww", "-o", "pid,args"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn enqueue_canary(env: &Env) -> i64 {
     let payload = format!("{{\"note\":\"{CANARY}\"}}");
-    let out = env.run_with_stdin(&["enqueue", "--module", "tasks.secret", "--payload-stdin"], payload.as_bytes());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env.run_with_stdin(
+        &["enqueue", "--module", "tasks.secret", "--payload-stdin"],
+        payload.as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!String::from_utf8_lossy(&out.stderr).contains(CANARY));
-    String::from_utf8(out.stdout).unwrap().trim().parse().unwrap()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 async fn canary_stays_hidden(mode: &str, script: &str) {
@@ -32,15 +46,25 @@ async fn canary_stays_hidden(mode: &str, script: &str) {
     // While the executor runs, look at every process's argv.
     env.wait_ledger("running", Duration::from_secs(20));
     let ps = ps_output();
-    assert!(ps.contains("exec.sh"), "the executor should be visible in ps");
-    assert!(!ps.contains(CANARY), "payload visible in ps ({mode}):\n{ps}");
+    assert!(
+        ps.contains("exec.sh"),
+        "the executor should be visible in ps"
+    );
+    assert!(
+        !ps.contains(CANARY),
+        "payload visible in ps ({mode}):\n{ps}"
+    );
     assert!(w.wait(Duration::from_secs(30)).success(), "{}", w.logs());
     let status = env.ok(&["status", &id.to_string()]);
     assert!(status.contains("\"succeeded\""), "{status}");
     assert!(!status.contains(CANARY));
     assert!(!w.logs().contains(CANARY), "payload in worker logs");
     // The executor really got the payload.
-    assert!(env.ledger_lines().iter().any(|l| l == "got-canary"), "{:?}", env.ledger_lines());
+    assert!(
+        env.ledger_lines().iter().any(|l| l == "got-canary"),
+        "{:?}",
+        env.ledger_lines()
+    );
 }
 
 #[tokio::test]
@@ -74,7 +98,17 @@ async fn payload_file_is_private_and_removed_even_after_a_timeout() {
     let mut w = env.worker(
         "w",
         &runner,
-        &["--payload-mode", "file", "--task-timeout", "500ms", "--kill-grace", "200ms", "--retry-backoff", "10ms", "--drain"],
+        &[
+            "--payload-mode",
+            "file",
+            "--task-timeout",
+            "500ms",
+            "--kill-grace",
+            "200ms",
+            "--retry-backoff",
+            "10ms",
+            "--drain",
+        ],
     );
     assert!(w.wait(Duration::from_secs(30)).success(), "{}", w.logs());
     let files: Vec<Vec<String>> = env
@@ -87,12 +121,19 @@ async fn payload_file_is_private_and_removed_even_after_a_timeout() {
     for f in &files {
         assert_eq!(f[2], "600", "payload file mode");
         assert_eq!(f[3], "700", "payload directory mode");
-        assert!(!std::path::Path::new(&f[1]).exists(), "payload file {} left behind", f[1]);
+        assert!(
+            !std::path::Path::new(&f[1]).exists(),
+            "payload file {} left behind",
+            f[1]
+        );
     }
     let s = env.status(id);
     assert_eq!(s["state"], "succeeded");
     // The per-worker payload directory itself is gone after exit.
-    let dir = std::path::Path::new(&files[0][1]).parent().unwrap().to_path_buf();
+    let dir = std::path::Path::new(&files[0][1])
+        .parent()
+        .unwrap()
+        .to_path_buf();
     assert!(!dir.exists());
 }
 
@@ -104,8 +145,15 @@ async fn executor_environment_is_an_allow_list() {
     // The worker itself has secrets in its environment; none may reach the task.
     let mut child = env
         .cmd(&[
-            "run", "--allow-root", "--drain", "--poll-interval", "50ms",
-            "--module-runner", &runner, "--env-allow", "TZ",
+            "run",
+            "--allow-root",
+            "--drain",
+            "--poll-interval",
+            "50ms",
+            "--module-runner",
+            &runner,
+            "--env-allow",
+            "TZ",
         ])
         .env("TZ", "UTC")
         .env("METRICS_AUTH_TOKEN", "tok-canary")
@@ -114,7 +162,9 @@ async fn executor_environment_is_an_allow_list() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let status = eventually_blocking("worker exit", Duration::from_secs(20), || child.try_wait().unwrap());
+    let status = eventually_blocking("worker exit", Duration::from_secs(20), || {
+        child.try_wait().unwrap()
+    });
     assert!(status.success());
     let lines = env.ledger_lines();
     let names: Vec<&str> = lines
@@ -125,7 +175,14 @@ async fn executor_environment_is_an_allow_list() {
         .collect();
     assert_eq!(
         names,
-        vec!["PATH", "TASK_ATTEMPT", "TASK_ID", "TASK_MODULE", "TASK_QUEUE", "TZ"],
+        vec![
+            "PATH",
+            "TASK_ATTEMPT",
+            "TASK_ID",
+            "TASK_MODULE",
+            "TASK_QUEUE",
+            "TZ"
+        ],
         "{lines:?}"
     );
 }
@@ -148,11 +205,21 @@ async fn dev_build_allows_inline_and_says_so() {
 async fn prod_build_refuses_inline_and_says_so() {
     let env = Env::sqlite().await;
     let version = env.ok(&["--version"]);
-    assert!(version.contains("prod build") && version.contains("inline"), "{version}");
+    assert!(
+        version.contains("prod build") && version.contains("inline"),
+        "{version}"
+    );
     let out = env.run(&["run", "--allow-root", "--payload-mode", "inline"]);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--payload-mode") && err.contains("prod"), "{err}");
-    let out = env.cmd(&["run", "--allow-root"]).env("PAYLOAD_MODE", "inline").output().unwrap();
+    assert!(
+        err.contains("--payload-mode") && err.contains("prod"),
+        "{err}"
+    );
+    let out = env
+        .cmd(&["run", "--allow-root"])
+        .env("PAYLOAD_MODE", "inline")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }

@@ -23,7 +23,10 @@ pub struct Env {
 impl Env {
     pub async fn sqlite() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let db_url = format!("sqlite://{}?mode=rwc", dir.path().join("tasks.db").display());
+        let db_url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("tasks.db").display()
+        );
         Self::new(dir, db_url, None)
     }
 
@@ -36,7 +39,12 @@ impl Env {
 
     fn new(dir: TempDir, db_url: String, pg: Option<TestDb>) -> Self {
         let ledger = dir.path().join("ledger");
-        let env = Self { dir, db_url, ledger, _pg: pg };
+        let env = Self {
+            dir,
+            db_url,
+            ledger,
+            _pg: pg,
+        };
         env.ok(&["migrate"]);
         env
     }
@@ -97,7 +105,11 @@ impl Env {
         let mut args = vec!["enqueue", "--module", module, "--payloads-jsonl", "-"];
         args.extend_from_slice(extra);
         let out = self.run_with_stdin(&args, lines.as_bytes());
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout)
             .unwrap()
             .lines()
@@ -112,22 +124,30 @@ impl Env {
 
     /// Starts `worker run` with test-friendly defaults plus `extra`; logs go to a file.
     pub fn worker(&self, name: &str, runner: &str, extra: &[&str]) -> Worker {
+        self.worker_with(name, runner, extra, &[])
+    }
+
+    /// [`Env::worker`] with extra environment variables.
+    pub fn worker_with(
+        &self,
+        name: &str,
+        runner: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Worker {
         let log = self.dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let mut args = vec![
-            "run",
-            "--allow-root",
-            "--poll-interval",
-            "50ms",
-            "--module-runner",
-            runner,
-            "--payload-dir",
-        ];
+        // A worker that drops to another user cannot use the test's private temp dir.
+        let as_user = envs.iter().any(|(k, _)| *k == "TASKGATE_USER");
         let payload_dir = self.dir.path().display().to_string();
-        args.push(&payload_dir);
+        let mut args = vec!["run", "--poll-interval", "50ms", "--module-runner", runner];
+        if !as_user {
+            args.extend(["--allow-root", "--payload-dir", &payload_dir]);
+        }
         args.extend_from_slice(extra);
         let child = self
             .cmd(&args)
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -147,12 +167,16 @@ impl Env {
     /// Waits for the ledger to contain a line starting with `prefix`.
     pub fn wait_ledger(&self, prefix: &str, timeout: Duration) -> String {
         eventually_blocking(&format!("ledger line {prefix:?}"), timeout, || {
-            self.ledger_lines().into_iter().find(|l| l.starts_with(prefix))
+            self.ledger_lines()
+                .into_iter()
+                .find(|l| l.starts_with(prefix))
         })
     }
 
     pub async fn store(&self) -> std::sync::Arc<dyn taskgate_worker::store::Store> {
-        taskgate_worker::store::connect(&self.db_url, 2).await.unwrap()
+        taskgate_worker::store::connect(&self.db_url, 2)
+            .await
+            .unwrap()
     }
 
     pub fn path(&self) -> &Path {
@@ -200,4 +224,133 @@ pub fn alive(pid: i32) -> bool {
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
+}
+
+/// `GET path` over the worker's Unix socket; returns (status, body).
+pub fn http_get(sock: &Path, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let status = buf[9..12].parse().unwrap();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A TCP forwarder to PostgreSQL that a test can cut and restore, to simulate an outage
+/// without stopping the server other tests use.
+pub struct PgProxy {
+    pub port: u16,
+    state: std::sync::Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl PgProxy {
+    pub async fn start() -> Self {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let p = Self {
+            port,
+            state: Default::default(),
+            conns: Default::default(),
+        };
+        p.serve(l);
+        p
+    }
+
+    fn serve(&self, l: tokio::net::TcpListener) {
+        let conns = self.conns.clone();
+        let h = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = l.accept().await else {
+                    return;
+                };
+                let h = tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                conns.lock().unwrap().push(h);
+            }
+        });
+        *self.state.lock().unwrap() = Some(h);
+    }
+
+    /// Drops the listener and every open connection.
+    pub fn cut(&self) {
+        if let Some(h) = self.state.lock().unwrap().take() {
+            h.abort();
+        }
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn restore(&self) {
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        self.serve(l);
+    }
+
+    /// `url` rewritten to go through this proxy.
+    pub fn url(&self, url: &str) -> String {
+        url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", self.port))
+    }
+}
+
+/// Resident set size of a process in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `Uid:`/`Gid:` lines of /proc/PID/status: (real uid, real gid).
+pub fn ids_of(pid: u32) -> (u32, u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+/// Children of `pid` (from /proc/*/stat).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
 }

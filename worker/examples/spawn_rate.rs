@@ -1,0 +1,186 @@
+//! Raw executor spawn rate: the ceiling for the worker's end-to-end throughput.
+//!
+//! Spawns a trivial executor N times with `tokio::process`, `--concurrency` at a time, with
+//! no queue or database, and prints the rate. By default each child is started the way
+//! `worker/src/executor.rs` starts one: empty environment plus a few `TASK_*` variables,
+//! its own process group, `PR_SET_PDEATHSIG` in a `pre_exec` hook, stdin/stdout/stderr
+//! piped, a small payload written to stdin, both output streams read to the end, and the
+//! exit status awaited.
+//!
+//! `--no-pre-exec` drops the `pre_exec` hook. Any `pre_exec` hook makes the standard
+//! library fork the whole worker (`fork` + `exec`) instead of using `posix_spawn`
+//! (`clone(CLONE_VM|CLONE_VFORK)`), so the difference between the two figures is the cost
+//! of that one hook.
+//!
+//! ```sh
+//! cargo run --release -p taskgate-worker --example spawn_rate -- \
+//!     --concurrency 4 --spawns 5000 --max-seconds 20
+//! ```
+//!
+//! The last line of output is machine-readable: `spawns_per_sec=<rate>`.
+
+use std::{
+    process::Stdio,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Spawns a trivial executor in a loop and prints spawns per second.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Children running at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Children to spawn in all.
+    #[arg(long, default_value_t = 5000)]
+    spawns: u64,
+    /// Stop early (and report the rate so far) after this many seconds.
+    #[arg(long, default_value_t = 30.0)]
+    max_seconds: f64,
+    /// The executor command, split like the worker's `--module-runner`.
+    #[arg(long, default_value = "sh -c 'cat >/dev/null' bench.noop")]
+    command: String,
+    /// Leave out the PR_SET_PDEATHSIG `pre_exec` hook (lets std use posix_spawn).
+    #[arg(long)]
+    no_pre_exec: bool,
+    /// Tokio worker threads (default: one per CPU, like the worker binary).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let argv = shell_words::split(&args.command)?;
+    if argv.is_empty() {
+        return Err("--command is empty".into());
+    }
+    if args.concurrency == 0 {
+        return Err("--concurrency must be at least 1".into());
+    }
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = args.threads {
+        rt.worker_threads(n);
+    }
+    let rt = rt.build()?;
+    rt.block_on(run(args, argv))
+}
+
+async fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
+    let argv = Arc::new(argv);
+    let next = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(args.max_seconds);
+    let pre_exec = !args.no_pre_exec;
+    let started = Instant::now();
+    let mut loops = Vec::with_capacity(args.concurrency);
+    for _ in 0..args.concurrency {
+        let (argv, next, failed) = (argv.clone(), next.clone(), failed.clone());
+        let total = args.spawns;
+        loops.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total || Instant::now() >= deadline {
+                    return done;
+                }
+                if !spawn_one(&argv, i, pre_exec).await {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                done += 1;
+            }
+        }));
+    }
+    let mut spawned = 0u64;
+    for l in loops {
+        spawned += l.await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let failed = failed.load(Ordering::Relaxed);
+    let rate = spawned as f64 / elapsed;
+    println!(
+        "spawned={spawned} failed={failed} concurrency={} pre_exec={pre_exec} elapsed_s={elapsed:.3}",
+        args.concurrency
+    );
+    println!("spawns_per_sec={rate:.1}");
+    if failed > 0 {
+        return Err(format!("{failed} executors did not exit 0").into());
+    }
+    Ok(())
+}
+
+/// Starts one child as the worker's executor does and waits for it; true on exit 0.
+async fn spawn_one(argv: &[String], i: u64, pre_exec: bool) -> bool {
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
+        )
+        .env("TASK_ID", i.to_string())
+        .env("TASK_ATTEMPT", "1")
+        .env("TASK_MODULE", "bench.noop")
+        .env("TASK_QUEUE", "default")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if pre_exec {
+        die_with_parent(&mut cmd);
+    }
+    let Ok(mut child) = cmd.spawn() else {
+        return false;
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        tokio::spawn(async move {
+            let _ = stdin.write_all(b"{\"n\":1}").await;
+            let _ = stdin.shutdown().await;
+        });
+    }
+    let out = tokio::spawn(drain(child.stdout.take()));
+    let err = tokio::spawn(drain(child.stderr.take()));
+    let ok = matches!(child.wait().await, Ok(s) if s.success());
+    let _ = out.await;
+    let _ = err.await;
+    ok
+}
+
+async fn drain<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) {
+    if let Some(mut r) = r {
+        let mut buf = [0u8; 4096];
+        while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+    }
+}
+
+/// The same hook as the worker's `sys::die_with_parent`.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut tokio::process::Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe syscalls (prctl, getppid) run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("parent exited"));
+            }
+            Ok(())
+        });
+    }
+}
