@@ -419,3 +419,20 @@ async fn root_drops_to_nobody_for_worker_and_executors() {
         "{status}"
     );
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let env = Env::sqlite().await;
+    let (path, listen) = sock(&env);
+    let runner = env.script("exec.sh", "true");
+    let _w = env.worker("w", &runner, &["--metrics-listen", &listen]);
+    wait_socket(&path);
+    let mut s = UnixStream::connect(&path).unwrap();
+    write!(s, "GET /healthz HTTP/1.1\r\nHost: w\r\n\r\n").unwrap();
+    let mut buf = [0u8; 512];
+    assert!(s.read(&mut buf).unwrap() > 0);
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let idle = Instant::now();
+    assert_eq!(s.read(&mut buf).unwrap(), 0, "expected the server to close the idle connection");
+    assert!(idle.elapsed() < Duration::from_secs(8), "idle connection kept {:?}", idle.elapsed());
+}
