@@ -67,6 +67,19 @@ pub enum Command {
     },
     /// Run the worker daemon.
     Run(Box<RunArgs>),
+    /// Internal: runs a task inside its private network namespace (egress enforcement).
+    #[command(name = "egress-jail", hide = true)]
+    EgressJail {
+        /// The worker's egress proxy socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Port to listen on inside the namespace.
+        #[arg(long)]
+        port: u16,
+        /// The task's command.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Query the worker's /healthz on its local listener; exit 0 when healthy, 1 if not
     /// (for kubelet and systemd exec probes).
     Healthcheck {
@@ -172,6 +185,13 @@ pub struct RunArgs {
     /// Largest retry delay (e.g. 1h).
     #[arg(long, env = "TASKGATE_RETRY_BACKOFF_MAX")]
     pub retry_backoff_max: Option<String>,
+    /// Egress policy mode, overriding `[egress] mode`: enforce, report or off.
+    #[arg(long, env = "TASKGATE_EGRESS_MODE")]
+    pub egress_mode: Option<String>,
+    /// Start in enforce mode even where executors cannot be given their own network
+    /// namespace (egress is then advisory: proxy environment only).
+    #[arg(long, env = "TASKGATE_EGRESS_ADVISORY_OK")]
+    pub egress_advisory_ok: bool,
     /// Directory for the worker's private payload files (default: the system temp dir).
     #[arg(long, env = "TASKGATE_PAYLOAD_DIR")]
     pub payload_dir: Option<PathBuf>,

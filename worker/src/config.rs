@@ -89,7 +89,7 @@ pub struct ListenSection {
     pub socket_group: Option<String>,
 }
 
-/// `[egress]`: parsed so a typo is caught; see [`Config::egress_mode`].
+/// `[egress]`: the worker-level egress allow-list (see [`crate::egress`]).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
@@ -173,6 +173,10 @@ pub struct RunConfig {
     pub backoff: Backoff,
     /// Payload directory base.
     pub payload_dir: Option<PathBuf>,
+    /// Egress policy.
+    pub egress: crate::egress::Policy,
+    /// Accept advisory egress where enforcement is impossible.
+    pub egress_advisory_ok: bool,
 }
 
 /// The whole configuration.
@@ -241,14 +245,6 @@ impl Config {
         };
 
         let run = run.map(|r| build_run(r, &file, &common, &mut errs));
-        if file.egress.mode.as_deref().is_some_and(|m| m != "off")
-            || !file.egress.modules.is_empty()
-        {
-            errs.push(
-                "egress",
-                "this worker build has no egress allow-list yet; remove [egress] (or set mode = \"off\") and use the host firewall baseline in deploy/nftables",
-            );
-        }
         errs.into_result()?;
         Ok(Config { common, run })
     }
@@ -484,6 +480,25 @@ fn build_run(
         ),
         backoff,
         payload_dir: r.payload_dir.clone().or_else(|| w.payload_dir.clone()),
+        egress: {
+            let mut policy = crate::egress::Policy::from_config(&file.egress, errs);
+            if let Some(m) = &r.egress_mode {
+                policy.mode = match m.as_str() {
+                    "enforce" => crate::egress::Mode::Enforce,
+                    "report" => crate::egress::Mode::Report,
+                    "off" => crate::egress::Mode::Off,
+                    other => {
+                        errs.push(
+                            "--egress-mode",
+                            format!("{other:?} is not a mode; use enforce, report or off"),
+                        );
+                        policy.mode
+                    }
+                };
+            }
+            policy
+        },
+        egress_advisory_ok: r.egress_advisory_ok,
     }
 }
 
@@ -561,7 +576,7 @@ mod tests {
     }
 
     #[test]
-    fn design_example_parses_except_egress() {
+    fn design_example_parses() {
         let toml = r#"
 [worker]
 database_url = "sqlite://taskgate.db?mode=rwc"
@@ -590,9 +605,17 @@ socket_group = "taskgate-gw"
             Some(Duration::from_secs(120))
         );
         assert_eq!(r.socket_mode, 0o660);
-        let with_egress = format!("{toml}\n[egress]\nmode = \"enforce\"\n");
-        let e = build(&["worker", "run"], &with_egress).unwrap_err();
-        assert!(e.to_string().contains("egress"));
+        let with_egress = format!(
+            "{toml}\n[egress]\nmode = \"enforce\"\n[egress.modules.\"tasks.fetch\"]\nallow_hosts = [\"api.example.com\", \"*.example.org\"]\nallow_cidrs = [\"203.0.113.0/24\"]\nallow_ports = [443]\n"
+        );
+        let r = build(&["worker", "run"], &with_egress)
+            .unwrap()
+            .run
+            .unwrap();
+        assert_eq!(r.egress.mode, crate::egress::Mode::Enforce);
+        assert!(r.egress.rule_for("tasks.fetch").is_some());
+        let e = build(&["worker", "run"], "[egress]\nmod = \"enforce\"\n").unwrap_err();
+        assert!(e.to_string().contains("mod"), "{e}");
     }
 
     #[test]

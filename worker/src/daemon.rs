@@ -8,9 +8,12 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     commands,
     config::{Common, RunConfig},
+    egress::{proxy::EgressProxy, Mode},
     events::EventBus,
+    executor::Isolation,
     http::{self, AppState, Limits},
     metrics::Metrics,
+    plan::EgressPlan,
     plan::Plan,
     privdrop,
     runner::{self, Settings},
@@ -74,6 +77,10 @@ pub async fn run(common: &Common, cfg: &RunConfig) -> Result<(), Error> {
                 ))
             })?
     };
+    let metrics = Metrics::new(store.backend());
+    let events = Arc::new(EventBus::new(1024));
+    let shutdown = CancellationToken::new();
+    let egress = start_egress(cfg, payload_dir.path(), &metrics, &events, &shutdown).await?;
     let plan = Plan {
         runner: cfg.module_runner.clone(),
         modules: cfg.modules.clone(),
@@ -83,6 +90,7 @@ pub async fn run(common: &Common, cfg: &RunConfig) -> Result<(), Error> {
         output_cap: 64 * 1024,
         payload_dir: payload_dir.path().to_path_buf(),
         base_env: executor_env(&cfg.env_allow),
+        egress,
     };
     let owner = format!(
         "{}:{}",
@@ -105,9 +113,6 @@ pub async fn run(common: &Common, cfg: &RunConfig) -> Result<(), Error> {
         backoff: cfg.backoff,
         allow: common.allow.clone(),
     };
-    let metrics = Metrics::new(store.backend());
-    let events = Arc::new(EventBus::new(1024));
-    let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
 
     let server = listener.map(|l| {
@@ -239,4 +244,98 @@ fn notify_systemd(shutdown: &CancellationToken) {
             }
         });
     }
+}
+
+/// Starts the egress proxy when a policy is on, and decides whether executors get their
+/// own network namespace (enforce) or only the proxy environment (advisory).
+async fn start_egress(
+    cfg: &RunConfig,
+    dir: &std::path::Path,
+    metrics: &Metrics,
+    events: &Arc<EventBus>,
+    shutdown: &CancellationToken,
+) -> Result<Option<EgressPlan>, Error> {
+    let mode = cfg.egress.mode;
+    if mode == Mode::Off {
+        return Ok(None);
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Failed(format!("cannot find this binary for the egress jail: {e}")))?;
+    let jail = if mode == Mode::Enforce {
+        match jail_isolation(&exe).await {
+            Some(i) => {
+                tracing::info!(isolation = ?i, "egress enforced: each executor gets its own network namespace whose only way out is the worker's proxy");
+                Some(i)
+            }
+            None if cfg.egress_advisory_ok => {
+                tracing::warn!("egress is ADVISORY: this worker cannot create network namespaces (needs root, or unprivileged user namespaces); executors only get HTTPS_PROXY, and a task that ignores it is not stopped");
+                None
+            }
+            None => {
+                return Err(Error::Usage(
+                    "egress mode enforce needs network namespaces for executors (run as root, or allow unprivileged user namespaces; under systemd, RestrictNamespaces=user net); pass --egress-advisory-ok to run with the proxy environment only".into(),
+                ))
+            }
+        }
+    } else {
+        tracing::info!("egress in report mode: everything is allowed; what the policy would deny is logged and counted");
+        None
+    };
+    let proxy = EgressProxy::new(cfg.egress.clone(), metrics.registry(), events.clone());
+    let bind = |what: &str, e: std::io::Error| {
+        Error::Failed(format!("cannot start the egress proxy ({what}): {e}"))
+    };
+    let tcp = Arc::new(
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| bind("127.0.0.1", e))?,
+    );
+    let tcp_port = tcp.local_addr().map_err(|e| bind("127.0.0.1", e))?.port();
+    let socket = dir.join("egress.sock");
+    let unix =
+        Arc::new(tokio::net::UnixListener::bind(&socket).map_err(|e| bind("unix socket", e))?);
+    tokio::spawn(proxy.clone().serve(
+        move || {
+            let l = tcp.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        },
+        shutdown.clone(),
+    ));
+    tokio::spawn(proxy.clone().serve(
+        move || {
+            let l = unix.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        },
+        shutdown.clone(),
+    ));
+    tracing::info!(port = tcp_port, "egress proxy listening on 127.0.0.1");
+    Ok(Some(EgressPlan {
+        proxy,
+        tcp_port,
+        socket,
+        jail,
+        exe,
+    }))
+}
+
+/// Which kind of network namespace executors can get here, found by trying.
+async fn jail_isolation(exe: &std::path::Path) -> Option<Isolation> {
+    let candidates: &[Isolation] = if nix::unistd::geteuid().is_root() {
+        &[Isolation::NetNs, Isolation::UserNetNs]
+    } else {
+        &[Isolation::UserNetNs]
+    };
+    for &isolation in candidates {
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("--version")
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        crate::sys::child_hooks(&mut cmd, isolation);
+        if matches!(cmd.status().await, Ok(s) if s.success()) {
+            return Some(isolation);
+        }
+    }
+    None
 }

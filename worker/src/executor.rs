@@ -22,6 +22,7 @@ use tokio::{
 };
 
 use crate::sys;
+pub use crate::sys::Isolation;
 
 /// How the payload reaches the executor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -78,6 +79,8 @@ pub struct Spec {
     pub output_cap: usize,
     /// Private directory for payload files.
     pub payload_dir: PathBuf,
+    /// Namespaces the child gets (egress enforcement).
+    pub isolation: Isolation,
 }
 
 /// How an attempt ended.
@@ -148,7 +151,7 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    sys::die_with_parent(&mut cmd);
+    sys::child_hooks(&mut cmd, spec.isolation);
 
     let mut _payload_file = None;
     match spec.payload_mode {

@@ -14,6 +14,7 @@
 //! - [`executor`]: one subprocess per attempt; [`plan`]: its command and environment.
 //! - [`modules`]: module names and the allow-list; [`retry`]: back-off.
 //! - [`store`]: the store trait and its PostgreSQL and SQLite drivers.
+//! - [`egress`]: the per-module egress allow-list: proxy, policy, network-namespace jail.
 //! - [`http`]: `/metrics`, `/healthz`, `/events` on a Unix socket or loopback.
 //! - [`metrics`], [`events`]: what the worker reports.
 //! - [`privdrop`]: switching from root to the service user.
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod egress;
 pub mod events;
 pub mod executor;
 pub mod http;
@@ -83,6 +85,9 @@ pub async fn run(cli: &cli::Cli, config: &config::Config) -> Result<(), Error> {
         cli::Command::Enqueue(args) => commands::enqueue(&config.common, args, &mut stdout).await,
         cli::Command::Status { id } => commands::status(&config.common, *id, &mut stdout).await,
         cli::Command::Cancel { id } => commands::cancel(&config.common, *id, &mut stdout).await,
+        cli::Command::EgressJail { .. } => Err(Error::Failed(
+            "internal: egress-jail is handled before start-up".into(),
+        )),
         cli::Command::Healthcheck {
             metrics_listen,
             timeout,

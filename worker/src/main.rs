@@ -11,6 +11,12 @@ use taskgate_worker::{cli::Cli, cli::Command, config::Config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The egress jail runs in an executor's namespace with the executor's environment:
+    // it needs no configuration, logging or runtime.
+    if let Command::EgressJail { socket, port, argv } = &cli.command {
+        let code = taskgate_worker::egress::jail::run(socket, *port, argv);
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     let run_args = match &cli.command {
         Command::Run(r) => Some(r.as_ref()),
         _ => None,

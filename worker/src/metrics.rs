@@ -147,6 +147,11 @@ impl Metrics {
         }
     }
 
+    /// The registry, for parts that register their own metrics (the egress proxy).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

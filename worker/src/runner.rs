@@ -358,10 +358,11 @@ async fn execute(
             None,
         );
     }
-    let spec = shared.plan.spec(&task);
+    let (spec, credential) = shared.plan.spec(&task);
     shared.metrics.executors_running.inc();
     let exec = executor::run(&spec, task.id, task.fence, &task.payload, stop).await;
     shared.metrics.executors_running.dec();
+    drop(credential);
     let duration = Some(exec.duration);
     let error = match &exec.ending {
         Ending::Exited(0) => return done(Outcome::Succeeded, duration),

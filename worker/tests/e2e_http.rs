@@ -433,6 +433,14 @@ async fn an_idle_keep_alive_connection_is_closed() {
     assert!(s.read(&mut buf).unwrap() > 0);
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let idle = Instant::now();
-    assert_eq!(s.read(&mut buf).unwrap(), 0, "expected the server to close the idle connection");
-    assert!(idle.elapsed() < Duration::from_secs(8), "idle connection kept {:?}", idle.elapsed());
+    assert_eq!(
+        s.read(&mut buf).unwrap(),
+        0,
+        "expected the server to close the idle connection"
+    );
+    assert!(
+        idle.elapsed() < Duration::from_secs(8),
+        "idle connection kept {:?}",
+        idle.elapsed()
+    );
 }
