@@ -444,3 +444,50 @@ async fn an_idle_keep_alive_connection_is_closed() {
         idle.elapsed()
     );
 }
+
+#[tokio::test]
+async fn takes_the_socket_systemd_passes() {
+    let env = Env::sqlite().await;
+    let path = env.path().join("activated.sock");
+    // What systemd does for a .socket unit: bind, then exec the service with the
+    // listening socket as fd 3, LISTEN_FDS=1 and LISTEN_PID set to the service's pid.
+    let launcher = format!(
+        "import os, socket, sys\n\
+         s = socket.socket(socket.AF_UNIX); s.bind({path:?}); s.listen(16)\n\
+         os.dup2(s.fileno(), 3); os.set_inheritable(3, True)\n\
+         os.environ['LISTEN_FDS'] = '1'; os.environ['LISTEN_PID'] = str(os.getpid())\n\
+         os.execv(sys.argv[1], sys.argv[1:])\n",
+        path = path.display().to_string()
+    );
+    let runner = env.script("exec.sh", "true");
+    let mut w = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&launcher)
+        .arg(env!("CARGO_BIN_EXE_worker"))
+        .args([
+            "run",
+            "--allow-root",
+            "--module-runner",
+            &runner,
+            // Named, but the passed socket wins.
+            "--metrics-listen",
+            &format!("unix:{}", env.path().join("unused.sock").display()),
+        ])
+        .env("DATABASE_URL", &env.db_url)
+        .env("ALLOWED_TASK_MODULES", "tasks.*")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (code, body) =
+        eventually_blocking("activated socket answers", Duration::from_secs(20), || {
+            UnixStream::connect(&path)
+                .ok()
+                .map(|_| http_get(&path, "/healthz"))
+        });
+    assert_eq!((code, body.as_str()), (200, "{\"status\":\"ok\"}"));
+    assert!(!env.path().join("unused.sock").exists());
+    let _ = w.kill();
+    let _ = w.wait();
+}
