@@ -36,7 +36,7 @@ done
 
 STATE="${TASKGATE_STATE_DIR:-$ROOT/.state}"
 PORT="${TASKGATE_PORT:-9443}"
-say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
+if [ -t 1 ]; then say() { printf '\033[1m==>\033[0m %s\n' "$*"; }; else say() { printf '==> %s\n' "$*"; }; fi
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 
 for tool in openssl curl python3; do
@@ -126,7 +126,8 @@ export ALLOWED_TASK_MODULES="examples.*"
 # listed (--env-allow) for `python3 -m examples.hello` to find the repository's module.
 export PYTHONPATH="$ROOT"
 export TASKGATE_LOG_FORMAT="${TASKGATE_LOG_FORMAT:-json}"
-"$WORKER" migrate >/dev/null
+"$WORKER" migrate >/dev/null 2>>"$STATE/worker.log" ||
+  { tail -n 5 "$STATE/worker.log" >&2; die "worker migrate failed"; }
 
 # --- processes --------------------------------------------------------------------------
 WORKER_PID=""
@@ -191,16 +192,25 @@ say "starting the gateway on https://127.0.0.1:$PORT (log $STATE/gateway.log)"
   >>"$STATE/gateway.log" 2>&1 &
 GATEWAY_PID=$!
 
+# Ready = an authorized /healthz through the gateway answers 200. (A bare TCP connect
+# would do, but the gateway audits it as a failed TLS handshake.) The token goes in a
+# header file, not in curl's argv, where other local users could read it.
+printf 'Authorization: Bearer %s\n' "$(cat "$STATE/token")" >"$STATE/auth.header"
 up=0
 for _ in $(seq 1 100); do
   kill -0 "$GATEWAY_PID" 2>/dev/null || fail "the gateway exited during start-up"
-  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then up=1; break; fi
+  code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 --cacert "$STATE/ca.pem" \
+    --cert "$STATE/client.pem" --key "$STATE/client.key" -H "@$STATE/auth.header" \
+    "https://127.0.0.1:$PORT/healthz" 2>/dev/null || true)"
+  if [ "$code" = 200 ]; then up=1; break; fi
   sleep 0.1
 done
-[ "$up" = 1 ] || fail "the gateway did not listen on 127.0.0.1:$PORT within 10 s"
+[ "$up" = 1 ] || fail "the gateway did not answer /healthz on 127.0.0.1:$PORT within 10 s (last status: ${code:-none})"
 
 say "enqueueing a sample task (module examples.hello)"
-TASK_ID="$(printf '{"name": "taskgate"}' | "$WORKER" enqueue --module examples.hello --payload-stdin)"
+TASK_ID="$(printf '{"name": "taskgate"}' |
+  "$WORKER" enqueue --module examples.hello --payload-stdin 2>>"$STATE/worker.log")" ||
+  fail "worker enqueue failed"
 echo "task $TASK_ID; see it with: DATABASE_URL='$DATABASE_URL' $WORKER status $TASK_ID"
 
 CURL="curl -sS --fail --cacert $STATE/ca.pem --cert $STATE/client.pem --key $STATE/client.key -H \"Authorization: Bearer \$(cat $STATE/token)\" https://127.0.0.1:$PORT/metrics"
@@ -220,8 +230,8 @@ if [ "$CHECK" = 1 ]; then
   code="$(curl -s -o /dev/null -w '%{http_code}' --cacert "$STATE/ca.pem" \
     --cert "$STATE/client.pem" --key "$STATE/client.key" "https://127.0.0.1:$PORT/metrics" || true)"
   [ "$code" = 401 ] || fail "a request without a token got $code, not 401"
-  if curl -s -o /dev/null --cacert "$STATE/ca.pem" \
-       -H "Authorization: Bearer $(cat "$STATE/token")" "https://127.0.0.1:$PORT/metrics"; then
+  if curl -s -o /dev/null --cacert "$STATE/ca.pem" -H "@$STATE/auth.header" \
+       "https://127.0.0.1:$PORT/metrics"; then
     fail "a client without a certificate got an answer"
   fi
 
