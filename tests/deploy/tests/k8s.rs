@@ -2,7 +2,7 @@
 //! (`kubernetes-validate --strict`, which bundles them), and carry the security fields the
 //! deployment promises.
 
-use std::{fs, net::IpAddr, path::Path, process::Command};
+use std::{fs, net::IpAddr, path::Path, process::Command, sync::OnceLock};
 
 use ipnet::IpNet;
 use serde_json::Value;
@@ -78,8 +78,12 @@ fn validate(yaml: &str, what: &Path) {
     );
 }
 
+/// The rendered base, parsed once for all tests of this file.
 fn objects() -> Vec<Value> {
-    yaml_documents(&rendered_base())
+    static OBJECTS: OnceLock<Vec<Value>> = OnceLock::new();
+    OBJECTS
+        .get_or_init(|| yaml_documents(&rendered_base()))
+        .clone()
 }
 
 fn one<'a>(objs: &'a [Value], kind: &str) -> &'a Value {

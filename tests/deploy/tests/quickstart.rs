@@ -284,3 +284,70 @@ fn ctrl_c_stops_both_processes() {
     }
     assert!(port_is_closed(port), "the gateway still listens");
 }
+
+/// The configuration files shipped in `deploy/` are accepted by the binaries they are
+/// for: unknown or misspelt keys fail there (both binaries reject unknown keys).
+#[test]
+fn shipped_config_files_are_accepted_by_the_binaries() {
+    let bin = binaries();
+    require("openssl", "makes a throw-away certificate");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let (cert, key, token) = (
+        tmp.path().join("c.pem"),
+        tmp.path().join("k.pem"),
+        tmp.path().join("tokens"),
+    );
+    let out = run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert));
+    assert!(out.ok, "openssl: {}", out.stderr);
+    fs::write(&token, "0123456789abcdef0123456789abcdef\n").expect("token file");
+
+    // The files name paths and users of a real host: point those at throw-away ones
+    // (flags beat the file), so everything else is checked as written.
+    for config in ["deploy/systemd/gateway.toml", "deploy/ingress/gateway.toml"] {
+        let out = run(Command::new(bin.join("gateway"))
+            .arg("--config")
+            .arg(repo(config))
+            .arg("--check-config")
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .arg("--tls-client-ca")
+            .arg(&cert)
+            .arg("--auth-token-file")
+            .arg(&token)
+            .args(["--user", "nobody", "--group", "nogroup"]));
+        assert!(
+            out.ok && out.stdout.contains("configuration ok"),
+            "gateway --check-config refuses {config} ({:?}):\n{}{}",
+            out.code,
+            out.stdout,
+            out.stderr
+        );
+    }
+    // The worker has no --check-config; every subcommand loads the whole file, and
+    // `migrate` on a throw-away database has no other effect.
+    let db = format!("sqlite://{}?mode=rwc", tmp.path().join("t.db").display());
+    let out = run(Command::new(bin.join("worker"))
+        .arg("--config")
+        .arg(repo("deploy/systemd/worker.toml"))
+        .args(["--database-url", &db, "migrate"]));
+    assert!(
+        out.ok,
+        "worker refuses deploy/systemd/worker.toml ({:?}):\n{}",
+        out.code, out.stderr
+    );
+}
