@@ -501,8 +501,13 @@ impl Config {
     }
 
     fn auth(cli: &Cli, file: &FileMetrics, errs: &mut ConfigErrors) -> AuthSource {
-        let token_file = cli.auth_token_file.clone().or(file.auth_token_file.clone());
-        let inline = cli.auth_token.clone().or(file.auth_token.clone());
+        // Flags and env beat the file as a whole: a token given on the command line or in
+        // the environment replaces the file's token settings instead of conflicting.
+        let (token_file, inline) = if cli.auth_token_file.is_some() || cli.auth_token.is_some() {
+            (cli.auth_token_file.clone(), cli.auth_token.clone())
+        } else {
+            (file.auth_token_file.clone(), file.auth_token.clone())
+        };
         match (token_file, inline, cli.no_auth) {
             (Some(_), _, true) | (_, Some(_), true) => {
                 errs.push("--no-auth", "conflicts with a configured token; remove one");
@@ -652,6 +657,25 @@ client_allowed_sans = ["prometheus.monitoring.svc"]
         assert_eq!(tls.client_allowed_sans, ["prometheus.monitoring.svc"]);
         assert!(matches!(c.auth, AuthSource::Inline(_)));
         assert!(!c.allow_cidrs.allows("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn env_token_replaces_the_files_token_file() {
+        let file: FileConfig = parse_toml(
+            "t",
+            "listen = \"127.0.0.1:1\"\nupstream = \"unix:/w.sock\"\n[metrics]\nauth_token_file = \"/nonexistent\"\n",
+        )
+        .unwrap();
+        let c = Config::from_parts(
+            &cli(&[
+                "--insecure-plaintext",
+                "--auth-token",
+                "flag-token-aaaaaaaaaaaa",
+            ]),
+            file,
+        )
+        .unwrap();
+        assert!(matches!(c.auth, AuthSource::Inline(_)));
     }
 
     #[test]

@@ -108,6 +108,50 @@ async fn slowloris_is_cut_within_the_header_deadline() {
 }
 
 #[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream::start(dir.path()).await;
+    let args: Vec<String> = [
+        "--upstream",
+        &format!("unix:{}", up.socket.display()),
+        "--insecure-plaintext",
+        "--idle-timeout",
+        "1s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
+    let mut tcp = Client::plain().tcp(gw.addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nauthorization: Bearer token-aaaaaaaaaaaaaaaaaaaa\r\n\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    // Read the answer, then keep reading: the gateway closes the idle connection.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .expect("idle connection closed within 10 s")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let took = start.elapsed();
+    assert!(
+        String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"),
+        "answered first"
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "closed after {took:?}"
+    );
+}
+
+#[tokio::test]
 async fn sse_stream_arrives_event_by_event() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
