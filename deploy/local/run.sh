@@ -249,14 +249,11 @@ if [ "$CHECK" = 1 ]; then
   exit 0
 fi
 
-cat <<EOF
-
-taskgate is running: worker (pid $WORKER_PID) behind the gateway (pid $GATEWAY_PID).
-Metrics through the gateway, with the dev client certificate and the token:
-
-  $CURL
-
-Also /healthz and /events (curl -N). Press Ctrl-C to stop both.
-EOF
+# Builtins only from here on: a Ctrl-C that lands while an external command runs in the
+# foreground and exits normally would not reach the trap (bash leaves SIGINT to it).
+printf '\ntaskgate is running: worker (pid %s) behind the gateway (pid %s).\n' "$WORKER_PID" "$GATEWAY_PID"
+printf 'Metrics through the gateway, with the dev client certificate and the token:\n\n'
+printf '  %s\n\n' "$CURL"
+printf 'Also /healthz and /events (curl -N). Press Ctrl-C to stop both.\n'
 wait -n "$WORKER_PID" "$GATEWAY_PID" || true
 fail "a process exited on its own"
