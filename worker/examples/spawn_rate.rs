@@ -8,14 +8,18 @@
 //! exit status awaited.
 //!
 //! `--no-pre-exec` drops the `pre_exec` hook. Any `pre_exec` hook makes the standard
-//! library fork the whole worker (`fork` + `exec`) instead of using `posix_spawn`
-//! (`clone(CLONE_VM|CLONE_VFORK)`), so the difference between the two figures is the cost
-//! of that one hook.
+//! library fork the whole parent (`fork` + `exec`) instead of using `posix_spawn`
+//! (`clone(CLONE_VM|CLONE_VFORK)`, no page-table copy). So does a bare program name
+//! (`sh`) when the child's environment sets `PATH`, as the worker's does: to take the
+//! `posix_spawn` path the command must also name its program by absolute path (`/bin/sh`).
 //!
 //! ```sh
 //! cargo run --release -p taskgate-worker --example spawn_rate -- \
 //!     --concurrency 4 --spawns 5000 --max-seconds 20
 //! ```
+//!
+//! `--ballast-mib N` first fills N MiB of heap, to show how the cost of that `fork` grows
+//! with the parent's resident memory (a running worker has several MiB of it).
 //!
 //! The last line of output is machine-readable: `spawns_per_sec=<rate>`.
 
@@ -52,6 +56,10 @@ struct Args {
     /// Tokio worker threads (default: one per CPU, like the worker binary).
     #[arg(long)]
     threads: Option<usize>,
+    /// Allocate and touch this many MiB of heap first, so the parent has about as much
+    /// anonymous memory as a running worker (`fork` copies its page tables per spawn).
+    #[arg(long, default_value_t = 0)]
+    ballast_mib: usize,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -69,7 +77,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rt.worker_threads(n);
     }
     let rt = rt.build()?;
-    rt.block_on(run(args, argv))
+    // Touch every page so each one is mapped (and so copied by a fork).
+    let ballast: Vec<u8> = (0..args.ballast_mib * 1024 * 1024)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let result = rt.block_on(run(args, argv));
+    std::hint::black_box(&ballast);
+    result
 }
 
 async fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
@@ -105,8 +119,8 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Er
     let failed = failed.load(Ordering::Relaxed);
     let rate = spawned as f64 / elapsed;
     println!(
-        "spawned={spawned} failed={failed} concurrency={} pre_exec={pre_exec} elapsed_s={elapsed:.3}",
-        args.concurrency
+        "spawned={spawned} failed={failed} concurrency={} pre_exec={pre_exec} ballast_mib={} elapsed_s={elapsed:.3}",
+        args.concurrency, args.ballast_mib
     );
     println!("spawns_per_sec={rate:.1}");
     if failed > 0 {
