@@ -121,15 +121,25 @@ impl Store for PgStore {
         // A running task whose lease expired is claimable again (that is how a dead
         // worker's task is recovered), unless its final attempt is used up or it was
         // cancelled: `reap` ends those instead.
+        //
+        // The planner walks `tasks_claimable` in claim order (skipping locked rows) only
+        // when the queue and the clock are scalars; `queue = ANY(…)` or a joined clock
+        // makes it read and sort every claimable row, which grows with the backlog. So a
+        // worker on one queue (the common case) gets the scalar form.
+        let queue_filter = if p.queues.len() == 1 {
+            "queue = ($2::text[])[1]"
+        } else {
+            "queue = ANY($2)"
+        };
         let sql = format!(
             "WITH {CLOCK}, picked AS ( \
-                SELECT tasks.id FROM tasks, clock \
-                WHERE state IN ('queued', 'failed', 'running') AND queue = ANY($2) \
-                  AND available_at <= clock.now AND NOT cancel_requested \
+                SELECT id FROM tasks \
+                WHERE state IN ('queued', 'failed', 'running') AND {queue_filter} \
+                  AND available_at <= (SELECT now FROM clock) AND NOT cancel_requested \
                   AND NOT (state = 'running' AND attempt >= max_attempts) \
                 ORDER BY priority DESC, available_at, id \
                 LIMIT $3 \
-                FOR UPDATE OF tasks SKIP LOCKED) \
+                FOR UPDATE SKIP LOCKED) \
              UPDATE tasks t SET state = 'running', attempt = t.attempt + 1, fence = t.fence + 1, \
                 lease_owner = $4, available_at = clock.now + $5, started_at = clock.now, \
                 updated_at = clock.now \
