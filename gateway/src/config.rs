@@ -471,7 +471,7 @@ impl Config {
 
         errs.into_result()?;
         // Every `None` above pushed an error, so reaching here means both are set; the
-        // `ok_or` keeps that reasoning checked instead of unwrapped.
+        // match keeps that reasoning checked instead of unwrapped.
         let (listen, upstream) = match (listen, upstream) {
             (Some(l), Some(u)) => (l, u),
             _ => return Err(ConfigError::new("--listen", "missing").into()),
