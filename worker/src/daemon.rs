@@ -26,6 +26,12 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Runs the daemon until SIGTERM/SIGINT (or, with `--drain`, until the queues are empty).
 pub async fn run(common: &Common, cfg: &RunConfig) -> Result<(), Error> {
+    // Executors run as the worker's user. A dumpable process's /proc files (environ with
+    // DATABASE_URL, mem) belong to that user and it may be ptraced by it: make the
+    // worker non-dumpable so task code can do neither. (A privilege drop does this too,
+    // but a worker started directly as its service user would otherwise stay dumpable.)
+    nix::sys::prctl::set_dumpable(false)
+        .map_err(|e| Error::Failed(format!("cannot make the worker non-dumpable: {e}")))?;
     if common.allow.is_empty() {
         return Err(Error::Usage(
             "no task module is allowed, so no task could run; set ALLOWED_TASK_MODULES (or --allowed-modules / worker.allowed_modules), e.g. tasks.*".into(),

@@ -223,3 +223,59 @@ async fn prod_build_refuses_inline_and_says_so() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+#[tokio::test]
+async fn tasks_cannot_read_the_workers_environment() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("this test must run as root (CI does): it starts the worker as nobody");
+    }
+    // The worker started directly as its service user (as systemd User= or a pod's
+    // runAsUser do), with the database URL in its environment.
+    let env = Env::sqlite().await;
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    std::fs::set_permissions(
+        env.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let runner = env.script(
+        "exec.sh",
+        "if cat /proc/$PPID/environ > /dev/null 2>&1; then echo environ-readable >> LEDGER; else echo environ-denied >> LEDGER; fi",
+    );
+    env.enqueue_many("tasks.snoop", 1, &[]);
+    std::fs::write(&env.ledger, "").unwrap();
+    for e in std::fs::read_dir(env.path()).unwrap() {
+        nix::unistd::chown(&e.unwrap().path(), Some(nobody.uid), Some(nobody.gid)).unwrap();
+    }
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            "nobody",
+            "--regid",
+            "nogroup",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_worker"))
+        .args([
+            "run",
+            "--drain",
+            "--poll-interval",
+            "50ms",
+            "--module-runner",
+            &runner,
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &env.db_url)
+        .env("ALLOWED_TASK_MODULES", "tasks.*")
+        .env("TASKGATE_PAYLOAD_DIR", env.path())
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.ledger_lines(), vec!["environ-denied".to_string()]);
+}
