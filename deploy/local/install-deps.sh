@@ -9,6 +9,10 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 command -v promtool >/dev/null || need+=(prometheus)   # promtool checks /metrics in tests
 command -v ps >/dev/null || need+=(procps)
+# worker egress tests: network namespaces (unshare, ip), setpriv for the uid tests.
+command -v unshare >/dev/null || need+=(util-linux)
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v ip >/dev/null || need+=(iproute2)
 # tests/deploy: systemd-analyze (security, verify) and nft -c for the deploy/ files.
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v nft >/dev/null || need+=(nftables)
