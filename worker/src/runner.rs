@@ -177,7 +177,12 @@ async fn claim_loop(
     shutdown: &CancellationToken,
 ) {
     let s = &shared.settings;
-    let slots = Arc::new(Semaphore::new(s.concurrency));
+    // A worker holds up to twice its concurrency: the running tasks and as many claimed
+    // ahead, so the next claim's round trip (and commit) overlaps running executors
+    // instead of sitting between two tasks in a slot. Claimed-ahead tasks are leased and
+    // heartbeated like running ones, and released at once on shutdown.
+    let slots = Arc::new(Semaphore::new(s.concurrency * 2));
+    let running = Arc::new(Semaphore::new(s.concurrency));
     let mut last_reap = None::<Instant>;
     loop {
         let first = tokio::select! {
@@ -236,7 +241,7 @@ async fn claim_loop(
         let got = claimed.len();
         for task in claimed {
             let Some(permit) = permits.pop() else { break };
-            start(shared, tracker, done_tx, task, permit);
+            start(shared, tracker, done_tx, task, permit, &running, shutdown);
         }
         drop(permits);
         if got == limit {
@@ -288,6 +293,8 @@ fn start(
     done_tx: &mpsc::UnboundedSender<Done>,
     task: ClaimedTask,
     permit: OwnedSemaphorePermit,
+    running: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
 ) {
     let (stop_tx, stop_rx) = watch::channel(None);
     lock(&shared.held).insert(
@@ -313,9 +320,29 @@ fn start(
         None,
     );
     tracing::debug!(task_id = task.id, module = %task.module, queue = %task.queue, attempt = task.attempt, fence = task.fence, "claimed");
-    let (shared, done_tx) = (shared.clone(), done_tx.clone());
+    let (shared, done_tx, running, shutdown) = (
+        shared.clone(),
+        done_tx.clone(),
+        running.clone(),
+        shutdown.clone(),
+    );
     tracker.spawn(async move {
-        let done = execute(&shared, task, stop_rx).await;
+        // Wait for an executor slot; a task still waiting when the worker shuts down is
+        // released unstarted, and one whose lease is lost or cancelled meanwhile is not run.
+        let mut waiting = stop_rx.clone();
+        let slot = tokio::select! {
+            s = running.acquire_owned() => s.ok(),
+            _ = shutdown.cancelled() => None,
+            _ = waiting.wait_for(Option::is_some) => None,
+        };
+        let done = match slot {
+            Some(slot) => {
+                let done = execute(&shared, task, stop_rx).await;
+                drop(slot);
+                done
+            }
+            None => unstarted(task, *stop_rx.borrow()),
+        };
         drop(permit);
         match done {
             Some(done) => {
@@ -329,6 +356,24 @@ fn start(
             }
         }
     });
+}
+
+/// The outcome of a claimed task that never started: released (shutdown), cancelled, or
+/// nothing at all when its lease was lost.
+fn unstarted(task: ClaimedTask, reason: Option<StopReason>) -> Option<Done> {
+    let outcome = match reason {
+        Some(StopReason::LeaseLost) => return None,
+        Some(StopReason::Cancelled) => Outcome::Cancelled,
+        Some(StopReason::Shutdown) | None => Outcome::Released,
+    };
+    Some(Done {
+        lease: task.lease(),
+        outcome,
+        queue: task.queue,
+        module: task.module,
+        attempt: task.attempt,
+        duration: None,
+    })
 }
 
 /// Runs one attempt and decides its outcome; `None` when the lease was lost.

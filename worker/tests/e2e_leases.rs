@@ -104,24 +104,42 @@ async fn shutdown_releases_unfinished_tasks() {
         "exec.sh",
         "echo \"start $TASK_ID $$\" >> LEDGER\nexec sleep 60",
     );
-    let id = env.enqueue_many("tasks.slow", 1, &[])[0];
+    // One slot: the first task runs, the second is claimed ahead and waits for the slot.
+    let ids = env.enqueue_many("tasks.slow", 2, &[]);
     let mut a = env.worker(
         "a",
         &runner,
-        &["--shutdown-grace", "200ms", "--kill-grace", "1s"],
+        &[
+            "--concurrency",
+            "1",
+            "--shutdown-grace",
+            "200ms",
+            "--kill-grace",
+            "1s",
+        ],
     );
     let line = env.wait_ledger("start", Duration::from_secs(20));
     let executor_pid: i32 = line.split(' ').nth(2).unwrap().parse().unwrap();
+    eventually_blocking("second task claimed ahead", Duration::from_secs(10), || {
+        (env.status(ids[1])["state"] == "running").then_some(())
+    });
     a.signal(Signal::SIGTERM);
     assert!(a.wait(Duration::from_secs(20)).success(), "{}", a.logs());
     assert!(!alive(executor_pid), "executor outlived the worker");
-    let s = env.status(id);
-    // Released: claimable at once, and the interrupted attempt does not count.
     assert_eq!(
-        (s["state"].as_str(), s["attempt"].as_i64()),
-        (Some("queued"), Some(0)),
-        "{s}"
+        env.ledger_lines().len(),
+        1,
+        "the waiting task must not start during shutdown"
     );
+    for id in ids {
+        let s = env.status(id);
+        // Released: claimable at once, and the interrupted attempt does not count.
+        assert_eq!(
+            (s["state"].as_str(), s["attempt"].as_i64()),
+            (Some("queued"), Some(0)),
+            "{s}"
+        );
+    }
 }
 
 #[tokio::test]
