@@ -217,6 +217,7 @@ pub fn run(prepared: Prepared) -> Result<(), GatewayError> {
             token_file,
             metrics,
             poll: config.reload_poll,
+            listen: config.listen.clone(),
             privdrop,
         },
     ));

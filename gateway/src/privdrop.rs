@@ -77,17 +77,7 @@ impl PrivDrop {
 
     /// Waits (up to 30 s) for the listener, then switches identity.
     pub async fn apply_after_bind(&self) -> Result<(), PrivError> {
-        let mut waited = Duration::ZERO;
-        while !is_listening(&self.listen) {
-            if waited > Duration::from_secs(30) {
-                return Err(PrivError::Sys(format!(
-                    "{} was not bound within 30s",
-                    self.listen
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            waited += Duration::from_millis(20);
-        }
+        wait_listening(&self.listen).await?;
         self.apply()
     }
 
@@ -109,6 +99,19 @@ impl PrivDrop {
         );
         Ok(())
     }
+}
+
+/// Waits (up to 30 s) until the listener on `addr` is bound.
+pub async fn wait_listening(addr: &Addr) -> Result<(), PrivError> {
+    let mut waited = Duration::ZERO;
+    while !is_listening(addr) {
+        if waited > Duration::from_secs(30) {
+            return Err(PrivError::Sys(format!("{addr} was not bound within 30s")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    Ok(())
 }
 
 /// True when something listens on `addr` (our bind succeeded, or pingora would have

@@ -36,6 +36,8 @@ pub struct Reloader {
     pub metrics: Arc<Metrics>,
     /// Poll interval.
     pub poll: Duration,
+    /// The gateway's listener (readiness waits for it).
+    pub listen: taskgate_shared::listen::Addr,
     /// Privilege drop to perform once bound.
     pub privdrop: Option<PrivDrop>,
 }
@@ -102,7 +104,15 @@ impl BackgroundService for Reloader {
                 tracing::error!(error = %e, "cannot drop privileges; exiting rather than serving as root");
                 std::process::exit(1);
             }
+        } else if let Err(e) = crate::privdrop::wait_listening(&self.listen).await {
+            tracing::warn!(error = %e, "listener not seen; telling systemd we are ready anyway");
         }
+        // Type=notify: ready once the listener is bound and privileges are dropped. Both
+        // calls are no-ops outside systemd.
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let mut usec = 0;
+        let watchdog = sd_notify::watchdog_enabled(false, &mut usec) && usec > 0;
+        let mut dog = tokio::time::interval(Duration::from_micros(usec.max(2_000_000) / 2));
         let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -127,8 +137,12 @@ impl BackgroundService for Reloader {
                         self.reload("file change");
                     }
                 }
+                _ = dog.tick(), if watchdog => {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
                 _ = shutdown.changed() => break,
             }
         }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     }
 }

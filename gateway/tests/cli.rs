@@ -113,7 +113,24 @@ async fn sigterm_shuts_down_gracefully() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
+    // Stand in for systemd: Type=notify services report READY=1 and STOPPING=1 here.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let notify_env = notify_path.display().to_string();
+    let mut gw = Gateway::start(
+        &args,
+        &[
+            ("METRICS_AUTH_TOKEN", TOKEN_A),
+            ("NOTIFY_SOCKET", &notify_env),
+        ],
+    )
+    .await;
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 from the gateway");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
     assert_eq!(
         Client::plain()
             .get(gw.addr, "/healthz", Some(TOKEN_A))
@@ -134,6 +151,8 @@ async fn sigterm_shuts_down_gracefully() {
     .await;
     assert!(status.success(), "{status}");
     assert!(gw.logs().iter().any(|l| l.contains("gateway stopped")));
+    let n = notify.recv(&mut buf).expect("STOPPING=1 from the gateway");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
 }
 
 #[tokio::test]

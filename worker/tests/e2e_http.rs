@@ -491,3 +491,31 @@ async fn takes_the_socket_systemd_passes() {
     let _ = w.kill();
     let _ = w.wait();
 }
+
+#[tokio::test]
+async fn tells_systemd_it_is_ready_and_stopping() {
+    let env = Env::sqlite().await;
+    let (path, listen) = sock(&env);
+    let notify_path = env.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let runner = env.script("exec.sh", "true");
+    let notify_env = notify_path.display().to_string();
+    let mut w = env.worker_with(
+        "w",
+        &runner,
+        &["--metrics-listen", &listen],
+        &[("NOTIFY_SOCKET", &notify_env)],
+    );
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 from the worker");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    // Ready means serving.
+    assert_eq!(http_get(&path, "/healthz").0, 200);
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    let n = notify.recv(&mut buf).expect("STOPPING=1 from the worker");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(w.wait(Duration::from_secs(20)).success());
+}
