@@ -119,7 +119,7 @@ pub struct ClaimParams {
 }
 
 /// A claimed task, with the fence its writes must carry.
-#[derive(Clone)]
+#[derive(Clone, sqlx::FromRow)]
 pub struct ClaimedTask {
     /// Task id.
     pub id: i64,
@@ -135,6 +135,8 @@ pub struct ClaimedTask {
     pub max_attempts: i32,
     /// Fencing token of this claim.
     pub fence: i64,
+    /// Priority (claims come back highest first).
+    pub priority: i32,
 }
 
 impl std::fmt::Debug for ClaimedTask {
@@ -232,7 +234,7 @@ pub struct CompleteParams {
 }
 
 /// A running task whose lease expired and that nobody may claim again.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Reaped {
     /// Task id.
     pub id: i64,
@@ -261,7 +263,7 @@ pub enum CancelOutcome {
 }
 
 /// A task as `worker status` shows it: everything but the payload.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, sqlx::FromRow)]
 pub struct TaskRecord {
     /// Task id.
     pub id: i64,
@@ -300,7 +302,7 @@ pub struct TaskRecord {
 }
 
 /// Number of tasks per queue and state (for the queue-depth gauge).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct StateCount {
     /// Queue.
     pub queue: String,
@@ -380,6 +382,13 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Orders claimed rows as the claim picked them (`UPDATE … RETURNING` does not keep the
+/// subquery's order).
+fn claim_order(mut tasks: Vec<ClaimedTask>) -> Vec<ClaimedTask> {
+    tasks.sort_by_key(|t| (std::cmp::Reverse(t.priority), t.id));
+    tasks
 }
 
 /// Checks applied migrations against the ones compiled in.

@@ -13,7 +13,6 @@ use async_trait::async_trait;
 use sqlx::{
     migrate::Migrator,
     postgres::{PgListener, PgPool, PgPoolOptions},
-    Row,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -146,7 +145,7 @@ impl Store for PgStore {
              FROM picked, clock WHERE t.id = picked.id \
              RETURNING t.id, t.queue, t.module, t.payload, t.attempt, t.max_attempts, t.fence, t.priority"
         );
-        let rows = sqlx::query(&sql)
+        let rows: Vec<ClaimedTask> = sqlx::query_as(&sql)
             .bind(p.now)
             .bind(&p.queues)
             .bind(i64::from(p.limit))
@@ -154,25 +153,7 @@ impl Store for PgStore {
             .bind(p.lease_ttl.as_millis() as i64)
             .fetch_all(&self.pool)
             .await?;
-        let mut tasks = rows
-            .into_iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<i32, _>("priority")?,
-                    ClaimedTask {
-                        id: r.try_get("id")?,
-                        queue: r.try_get("queue")?,
-                        module: r.try_get("module")?,
-                        payload: r.try_get("payload")?,
-                        attempt: r.try_get("attempt")?,
-                        max_attempts: r.try_get("max_attempts")?,
-                        fence: r.try_get("fence")?,
-                    },
-                ))
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        tasks.sort_by_key(|(prio, t)| (-prio, t.id));
-        Ok(tasks.into_iter().map(|(_, t)| t).collect())
+        Ok(super::claim_order(rows))
     }
 
     async fn heartbeat(&self, p: HeartbeatParams) -> Result<Vec<Held>, StoreError> {
@@ -262,22 +243,12 @@ impl Store for PgStore {
                AND (attempt >= max_attempts OR cancel_requested) \
              RETURNING id, queue, module, state, attempt"
         );
-        let rows: Vec<(i64, String, String, String, i32)> =
-            sqlx::query_as(&sql).bind(now).fetch_all(&self.pool).await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, queue, module, state, attempt)| Reaped {
-                id,
-                queue,
-                module,
-                state,
-                attempt,
-            })
-            .collect())
+        let rows: Vec<Reaped> = sqlx::query_as(&sql).bind(now).fetch_all(&self.pool).await?;
+        Ok(rows)
     }
 
     async fn get(&self, id: i64) -> Result<Option<TaskRecord>, StoreError> {
-        let row = sqlx::query(
+        let row: Option<TaskRecord> = sqlx::query_as(
             "SELECT id, queue, module, state, priority, attempt, max_attempts, fence, available_at, \
              lease_owner, cancel_requested, last_error, length(payload)::bigint AS payload_bytes, \
              created_at, updated_at, started_at, finished_at FROM tasks WHERE id = $1",
@@ -285,7 +256,7 @@ impl Store for PgStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| record(&r)).transpose().map_err(Into::into)
+        Ok(row)
     }
 
     async fn cancel(&self, id: i64, now: Option<i64>) -> Result<CancelOutcome, StoreError> {
@@ -334,18 +305,12 @@ impl Store for PgStore {
     }
 
     async fn count_by_state(&self) -> Result<Vec<StateCount>, StoreError> {
-        let rows: Vec<(String, String, i64)> =
-            sqlx::query_as("SELECT queue, state, count(*) FROM tasks GROUP BY queue, state")
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(queue, state, count)| StateCount {
-                queue,
-                state,
-                count,
-            })
-            .collect())
+        let rows: Vec<StateCount> = sqlx::query_as(
+            "SELECT queue, state, count(*) AS count FROM tasks GROUP BY queue, state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -381,26 +346,4 @@ impl Store for PgStore {
             }
         }
     }
-}
-
-fn record(r: &sqlx::postgres::PgRow) -> Result<TaskRecord, sqlx::Error> {
-    Ok(TaskRecord {
-        id: r.try_get("id")?,
-        queue: r.try_get("queue")?,
-        module: r.try_get("module")?,
-        state: r.try_get("state")?,
-        priority: r.try_get("priority")?,
-        attempt: r.try_get("attempt")?,
-        max_attempts: r.try_get("max_attempts")?,
-        fence: r.try_get("fence")?,
-        available_at: r.try_get("available_at")?,
-        lease_owner: r.try_get("lease_owner")?,
-        cancel_requested: r.try_get("cancel_requested")?,
-        last_error: r.try_get("last_error")?,
-        payload_bytes: r.try_get("payload_bytes")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-        started_at: r.try_get("started_at")?,
-        finished_at: r.try_get("finished_at")?,
-    })
 }

@@ -16,7 +16,6 @@ use sqlx::{
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
     },
-    Row,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -136,7 +135,7 @@ impl Store for SqliteStore {
                 ORDER BY priority DESC, available_at, id LIMIT ?5) \
              RETURNING id, queue, module, payload, attempt, max_attempts, fence, priority"
         );
-        let rows = sqlx::query(&sql)
+        let rows: Vec<ClaimedTask> = sqlx::query_as(&sql)
             .bind(&p.owner)
             .bind(now)
             .bind(p.lease_ttl.as_millis() as i64)
@@ -144,25 +143,7 @@ impl Store for SqliteStore {
             .bind(i64::from(p.limit))
             .fetch_all(&self.pool)
             .await?;
-        let mut tasks = rows
-            .into_iter()
-            .map(|r| {
-                Ok((
-                    r.try_get::<i32, _>("priority")?,
-                    ClaimedTask {
-                        id: r.try_get("id")?,
-                        queue: r.try_get("queue")?,
-                        module: r.try_get("module")?,
-                        payload: r.try_get("payload")?,
-                        attempt: r.try_get("attempt")?,
-                        max_attempts: r.try_get("max_attempts")?,
-                        fence: r.try_get("fence")?,
-                    },
-                ))
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        tasks.sort_by_key(|(prio, t)| (-prio, t.id));
-        Ok(tasks.into_iter().map(|(_, t)| t).collect())
+        Ok(super::claim_order(rows))
     }
 
     async fn heartbeat(&self, p: HeartbeatParams) -> Result<Vec<Held>, StoreError> {
@@ -237,7 +218,7 @@ impl Store for SqliteStore {
 
     async fn reap(&self, now: Option<i64>) -> Result<Vec<Reaped>, StoreError> {
         let now = now.unwrap_or_else(now_ms);
-        let rows: Vec<(i64, String, String, String, i32)> = sqlx::query_as(
+        let rows: Vec<Reaped> = sqlx::query_as(
             "UPDATE tasks SET \
                 state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'dead' END, \
                 last_error = CASE WHEN cancel_requested THEN last_error \
@@ -250,20 +231,11 @@ impl Store for SqliteStore {
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, queue, module, state, attempt)| Reaped {
-                id,
-                queue,
-                module,
-                state,
-                attempt,
-            })
-            .collect())
+        Ok(rows)
     }
 
     async fn get(&self, id: i64) -> Result<Option<TaskRecord>, StoreError> {
-        let row = sqlx::query(
+        let row: Option<TaskRecord> = sqlx::query_as(
             "SELECT id, queue, module, state, priority, attempt, max_attempts, fence, available_at, \
              lease_owner, cancel_requested, last_error, length(payload) AS payload_bytes, \
              created_at, updated_at, started_at, finished_at FROM tasks WHERE id = ?1",
@@ -271,29 +243,7 @@ impl Store for SqliteStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            Ok::<_, sqlx::Error>(TaskRecord {
-                id: r.try_get("id")?,
-                queue: r.try_get("queue")?,
-                module: r.try_get("module")?,
-                state: r.try_get("state")?,
-                priority: r.try_get("priority")?,
-                attempt: r.try_get("attempt")?,
-                max_attempts: r.try_get("max_attempts")?,
-                fence: r.try_get("fence")?,
-                available_at: r.try_get("available_at")?,
-                lease_owner: r.try_get("lease_owner")?,
-                cancel_requested: r.try_get("cancel_requested")?,
-                last_error: r.try_get("last_error")?,
-                payload_bytes: r.try_get("payload_bytes")?,
-                created_at: r.try_get("created_at")?,
-                updated_at: r.try_get("updated_at")?,
-                started_at: r.try_get("started_at")?,
-                finished_at: r.try_get("finished_at")?,
-            })
-        })
-        .transpose()
-        .map_err(Into::into)
+        Ok(row)
     }
 
     async fn cancel(&self, id: i64, now: Option<i64>) -> Result<CancelOutcome, StoreError> {
@@ -342,18 +292,12 @@ impl Store for SqliteStore {
     }
 
     async fn count_by_state(&self) -> Result<Vec<StateCount>, StoreError> {
-        let rows: Vec<(String, String, i64)> =
-            sqlx::query_as("SELECT queue, state, count(*) FROM tasks GROUP BY queue, state")
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(queue, state, count)| StateCount {
-                queue,
-                state,
-                count,
-            })
-            .collect())
+        let rows: Vec<StateCount> = sqlx::query_as(
+            "SELECT queue, state, count(*) AS count FROM tasks GROUP BY queue, state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
