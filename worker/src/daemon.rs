@@ -83,7 +83,8 @@ pub async fn run(common: &Common, cfg: &RunConfig) -> Result<(), Error> {
                 ))
             })?
     };
-    let metrics = Metrics::new(store.backend());
+    let metrics = Metrics::new(store.backend())
+        .map_err(|e| Error::Failed(format!("internal: metric definitions are invalid: {e}")))?;
     let events = Arc::new(EventBus::new(1024));
     let shutdown = CancellationToken::new();
     let egress = start_egress(cfg, payload_dir.path(), &metrics, &events, &shutdown).await?;
@@ -287,7 +288,12 @@ async fn start_egress(
         tracing::info!("egress in report mode: everything is allowed; what the policy would deny is logged and counted");
         None
     };
-    let proxy = EgressProxy::new(cfg.egress.clone(), metrics.registry(), events.clone());
+    let proxy =
+        EgressProxy::new(cfg.egress.clone(), metrics.registry(), events.clone()).map_err(|e| {
+            Error::Failed(format!(
+                "internal: egress metric definitions are invalid: {e}"
+            ))
+        })?;
     let bind = |what: &str, e: std::io::Error| {
         Error::Failed(format!("cannot start the egress proxy ({what}): {e}"))
     };

@@ -69,22 +69,21 @@ impl EgressProxy {
         policy: Policy,
         registry: &prometheus::Registry,
         events: Arc<EventBus>,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, prometheus::Error> {
         let requests = IntCounterVec::new(
             prometheus::Opts::new(
                 "taskgate_egress_requests_total",
                 "Egress connection requests through the worker's proxy, by module and decision (allowed, denied, would_deny, unauthenticated).",
             ),
             &["module", "decision"],
-        )
-        .expect("valid metric");
-        let _ = registry.register(Box::new(requests.clone()));
-        Arc::new(Self {
+        )?;
+        let requests = crate::metrics::register(registry, requests)?;
+        Ok(Arc::new(Self {
             policy,
             tasks: Mutex::new(HashMap::new()),
             requests,
             events,
-        })
+        }))
     }
 
     /// Issues the credential for one attempt.
