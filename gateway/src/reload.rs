@@ -99,6 +99,15 @@ impl Reloader {
 #[async_trait]
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        // First of all: SIGHUP's default action ends the process, so the handler must be
+        // in place before anything else here can wait.
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload only on file change");
+                None
+            }
+        };
         if let Some(p) = &self.privdrop {
             if let Err(e) = p.apply_after_bind().await {
                 tracing::error!(error = %e, "cannot drop privileges; exiting rather than serving as root");
@@ -113,13 +122,6 @@ impl BackgroundService for Reloader {
         let mut usec = 0;
         let watchdog = sd_notify::watchdog_enabled(false, &mut usec) && usec > 0;
         let mut dog = tokio::time::interval(Duration::from_micros(usec.max(2_000_000) / 2));
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP; reload only on file change");
-                None
-            }
-        };
         let files = self.files();
         let mut seen = self.stamps(&files);
         let mut tick = tokio::time::interval(self.poll);
