@@ -108,6 +108,10 @@ impl BackgroundService for Reloader {
                 None
             }
         };
+        // Snapshot the files now too: an edit made while we wait below must still count
+        // as a change.
+        let files = self.files();
+        let mut seen = self.stamps(&files);
         if let Some(p) = &self.privdrop {
             if let Err(e) = p.apply_after_bind().await {
                 tracing::error!(error = %e, "cannot drop privileges; exiting rather than serving as root");
@@ -122,8 +126,6 @@ impl BackgroundService for Reloader {
         let mut usec = 0;
         let watchdog = sd_notify::watchdog_enabled(false, &mut usec) && usec > 0;
         let mut dog = tokio::time::interval(Duration::from_micros(usec.max(2_000_000) / 2));
-        let files = self.files();
-        let mut seen = self.stamps(&files);
         let mut tick = tokio::time::interval(self.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
