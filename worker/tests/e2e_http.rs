@@ -313,7 +313,6 @@ async fn secrets_never_reach_logs_events_metrics_status_or_errors() {
             log_dir.to_str().unwrap(),
             "--log-level",
             "debug",
-            "--drain",
             "--shutdown-grace",
             "1s",
         ],
@@ -344,6 +343,9 @@ async fn secrets_never_reach_logs_events_metrics_status_or_errors() {
         let (_, m) = http_get(&path, "/metrics");
         m.contains("state=\"dead\"} 1").then_some(m)
     });
+    // Stop the worker (not --drain: it could exit, and remove its socket, before the
+    // metrics poll above saw the task dead). Shutdown ends the event stream.
+    w.signal(nix::sys::signal::Signal::SIGTERM);
     let mut events = String::new();
     let _ = sse.read_to_string(&mut events);
     assert!(w.wait(Duration::from_secs(20)).success());
