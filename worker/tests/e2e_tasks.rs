@@ -39,9 +39,11 @@ async fn failing_task_backs_off_then_dies_with_its_last_error() {
     assert_eq!(times.len(), 4);
     let gaps: Vec<i64> = times.windows(2).map(|w| w[1] - w[0]).collect();
     // Equal jitter: attempt n waits between half and all of 400ms * 2^(n-1).
+    // The floors double; adjacent gaps may overlap by jitter plus scheduling noise, gaps
+    // two attempts apart cannot.
     assert!(gaps[0] >= 200, "{gaps:?}");
-    assert!(gaps[1] >= 400 && gaps[1] > gaps[0], "{gaps:?}");
-    assert!(gaps[2] >= 800 && gaps[2] > gaps[1], "{gaps:?}");
+    assert!(gaps[1] >= 400, "{gaps:?}");
+    assert!(gaps[2] >= 800 && gaps[2] > gaps[0], "{gaps:?}");
     assert!(!w.logs().contains("hunter2"));
 }
 
