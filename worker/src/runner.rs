@@ -134,7 +134,7 @@ pub async fn run(
         tokio::spawn(async move { s.store.watch(s.wake.clone(), stop).await })
     };
     let heartbeater = tokio::spawn(heartbeat_loop(shared.clone(), background.clone()));
-    let completer = tokio::spawn(complete_loop(shared.clone(), done_rx, background.clone()));
+    let completer = tokio::spawn(complete_loop(shared.clone(), done_rx));
 
     let tracker = TaskTracker::new();
     claim_loop(&shared, &tracker, &done_tx, &shutdown).await;
@@ -570,11 +570,7 @@ fn lose(shared: &Shared, held: &mut HashMap<i64, Held>, lease: &Lease, why: &str
 
 // === completer ===
 
-async fn complete_loop(
-    shared: Arc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<Done>,
-    _stop: CancellationToken,
-) {
+async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Done>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < shared.settings.completion_batch {
