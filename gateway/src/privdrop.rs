@@ -82,16 +82,8 @@ impl PrivDrop {
     }
 
     fn apply(&self) -> Result<(), PrivError> {
-        if Uid::effective().is_root() {
-            nix::unistd::setgroups(&[self.gid])
-                .map_err(|e| PrivError::Sys(format!("setgroups: {e}")))?;
-        }
-        nix::unistd::setgid(self.gid).map_err(|e| PrivError::Sys(format!("setgid: {e}")))?;
-        nix::unistd::setuid(self.uid).map_err(|e| PrivError::Sys(format!("setuid: {e}")))?;
-        // Fail closed: make sure root cannot be regained.
-        if !self.uid.is_root() && nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
-            return Err(PrivError::Sys("root could be regained after setuid".into()));
-        }
+        taskgate_shared::privdrop::switch_to(self.uid, self.gid)
+            .map_err(|e| PrivError::Sys(e.to_string()))?;
         tracing::info!(
             uid = self.uid.as_raw(),
             gid = self.gid.as_raw(),

@@ -9,6 +9,7 @@
 //! - [`redact`]: the one redactor every log line, stored error and captured output uses.
 //! - [`listen`]: `unix:/path` / `IP:PORT` listen and upstream addresses.
 //! - [`cidr`]: CIDR allow-lists (IPv4 and IPv6).
+//! - [`privdrop`]: the privilege drop after binding (groups, gid, uid, no_new_privs, check).
 //! - [`tokens`]: bearer-token sets loaded from files or values, compared in constant time.
 //! - [`telemetry`]: `tracing` set-up (JSON or human lines, rolling files) behind the redactor.
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@
 pub mod cidr;
 pub mod config;
 pub mod listen;
+pub mod privdrop;
 pub mod redact;
 pub mod telemetry;
 pub mod tokens;

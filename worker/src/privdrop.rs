@@ -2,10 +2,8 @@
 //! unprivileged user for good, so the worker and every executor it starts run without
 //! root.
 //!
-//! Order matters: supplementary groups, then the gid, then the uid (after `setuid` the
-//! process could no longer change its groups), then `no_new_privs` so no executor can
-//! regain privileges through a set-uid binary. Finally we check that root cannot be
-//! regained. glibc applies `setuid`/`setgid` to every thread of the process.
+//! The switch itself (groups, gid, uid, `no_new_privs`, the check that root cannot be
+//! regained) is `taskgate_shared::privdrop::switch_to`, shared with the gateway.
 
 use std::path::Path;
 
@@ -28,17 +26,17 @@ pub enum PrivDropError {
         /// Our uid.
         uid: u32,
     },
-    /// A system call failed.
-    #[error("dropping privileges failed at {step}: {errno}")]
-    Syscall {
-        /// Which step.
-        step: &'static str,
+    /// Handing a path over to the new identity failed.
+    #[error("cannot chown {path} to the service user: {errno}")]
+    Chown {
+        /// The path.
+        path: String,
         /// The error.
         errno: nix::errno::Errno,
     },
-    /// Root could be regained after the drop.
-    #[error("privilege drop did not stick: root could be regained; refusing to run")]
-    DidNotStick,
+    /// The switch itself failed.
+    #[error(transparent)]
+    Switch(#[from] taskgate_shared::privdrop::SwitchError),
 }
 
 /// The identity the worker now runs as.
@@ -82,22 +80,12 @@ pub fn drop_to(
             uid: me.as_raw(),
         });
     }
-    let step = |step| move |errno| PrivDropError::Syscall { step, errno };
     for p in hand_over {
-        unistd::chown(*p, Some(u.uid), Some(gid)).map_err(step("chown of the log directory"))?;
+        unistd::chown(*p, Some(u.uid), Some(gid)).map_err(|errno| PrivDropError::Chown {
+            path: p.display().to_string(),
+            errno,
+        })?;
     }
-    unistd::setgroups(&[gid]).map_err(step("setgroups"))?;
-    unistd::setresgid(gid, gid, gid).map_err(step("setresgid"))?;
-    unistd::setresuid(u.uid, u.uid, u.uid).map_err(step("setresuid"))?;
-    nix::sys::prctl::set_no_new_privs().map_err(step("PR_SET_NO_NEW_PRIVS"))?;
-    // Verify: every id is the target, and root is out of reach.
-    let ids = unistd::getresuid().map_err(step("getresuid"))?;
-    let gids = unistd::getresgid().map_err(step("getresgid"))?;
-    if [ids.real, ids.effective, ids.saved] != [u.uid; 3]
-        || [gids.real, gids.effective, gids.saved] != [gid; 3]
-        || (!u.uid.is_root() && unistd::setuid(Uid::from_raw(0)).is_ok())
-    {
-        return Err(PrivDropError::DidNotStick);
-    }
+    taskgate_shared::privdrop::switch_to(u.uid, gid)?;
     Ok(Identity { uid: u.uid, gid })
 }
