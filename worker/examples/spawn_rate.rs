@@ -1,25 +1,25 @@
 //! Raw executor spawn rate: the ceiling for the worker's end-to-end throughput.
 //!
-//! Spawns a trivial executor N times with `tokio::process`, `--concurrency` at a time, with
-//! no queue or database, and prints the rate. By default each child is started the way
-//! `worker/src/executor.rs` starts one: empty environment plus a few `TASK_*` variables,
-//! its own process group, `PR_SET_PDEATHSIG` in a `pre_exec` hook, stdin/stdout/stderr
-//! piped, a small payload written to stdin, both output streams read to the end, and the
-//! exit status awaited.
+//! Spawns a trivial executor N times, `--concurrency` at a time, with no queue or database,
+//! and prints the rate. `--path` picks how each child is started:
 //!
-//! `--no-pre-exec` drops the `pre_exec` hook. Any `pre_exec` hook makes the standard
-//! library fork the whole parent (`fork` + `exec`) instead of using `posix_spawn`
-//! (`clone(CLONE_VM|CLONE_VFORK)`, no page-table copy). So does a bare program name
-//! (`sh`) when the child's environment sets `PATH`, as the worker's does: to take the
-//! `posix_spawn` path the command must also name its program by absolute path (`/bin/sh`).
+//! - `worker` (default): `taskgate_worker::executor::run`, exactly what the worker runs per
+//!   attempt — `clone(CLONE_VM|CLONE_VFORK)` with the parent-death signal, its own process
+//!   group, an empty environment plus `PATH`/`TASK_*`, a payload on stdin, stdout and stderr
+//!   captured, the exit awaited through a pidfd.
+//! - `std-fork`: `tokio::process` with the same settings and `PR_SET_PDEATHSIG` in a
+//!   `pre_exec` hook, which makes std `fork` the whole parent (the worker's path before
+//!   `worker/src/spawn.rs`).
+//! - `posix-spawn`: `tokio::process` without the hook and with the program as an absolute
+//!   path, the only case in which std uses `posix_spawn` (no parent-death signal).
 //!
 //! ```sh
 //! cargo run --release -p taskgate-worker --example spawn_rate -- \
 //!     --concurrency 4 --spawns 5000 --max-seconds 20
 //! ```
 //!
-//! `--ballast-mib N` first fills N MiB of heap, to show how the cost of that `fork` grows
-//! with the parent's resident memory (a running worker has several MiB of it).
+//! `--ballast-mib N` first fills N MiB of heap, to show how the cost of a `fork` grows with
+//! the parent's resident memory (a running worker has several MiB of it).
 //!
 //! The last line of output is machine-readable: `spawns_per_sec=<rate>`.
 
@@ -33,6 +33,7 @@ use std::{
 };
 
 use clap::Parser;
+use taskgate_worker::executor::{self, Ending, Isolation, PayloadMode, Spec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Spawns a trivial executor in a loop and prints spawns per second.
@@ -50,9 +51,9 @@ struct Args {
     /// The executor command, split like the worker's `--module-runner`.
     #[arg(long, default_value = "sh -c 'cat >/dev/null' bench.noop")]
     command: String,
-    /// Leave out the PR_SET_PDEATHSIG `pre_exec` hook (lets std use posix_spawn).
-    #[arg(long)]
-    no_pre_exec: bool,
+    /// How to start each child: worker, std-fork or posix-spawn.
+    #[arg(long, value_enum, default_value_t = SpawnPath::Worker)]
+    path: SpawnPath,
     /// Tokio worker threads (default: one per CPU, like the worker binary).
     #[arg(long)]
     threads: Option<usize>,
@@ -60,6 +61,13 @@ struct Args {
     /// anonymous memory as a running worker (`fork` copies its page tables per spawn).
     #[arg(long, default_value_t = 0)]
     ballast_mib: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SpawnPath {
+    Worker,
+    StdFork,
+    PosixSpawn,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -91,7 +99,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Er
     let next = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(args.max_seconds);
-    let pre_exec = !args.no_pre_exec;
+    let path = args.path;
     let started = Instant::now();
     let mut loops = Vec::with_capacity(args.concurrency);
     for _ in 0..args.concurrency {
@@ -104,7 +112,12 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Er
                 if i >= total || Instant::now() >= deadline {
                     return done;
                 }
-                if !spawn_one(&argv, i, pre_exec).await {
+                let ok = match path {
+                    SpawnPath::Worker => spawn_worker(&argv, i).await,
+                    SpawnPath::StdFork => spawn_std(&argv, i, true).await,
+                    SpawnPath::PosixSpawn => spawn_std(&argv, i, false).await,
+                };
+                if !ok {
                     failed.fetch_add(1, Ordering::Relaxed);
                 }
                 done += 1;
@@ -119,7 +132,7 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Er
     let failed = failed.load(Ordering::Relaxed);
     let rate = spawned as f64 / elapsed;
     println!(
-        "spawned={spawned} failed={failed} concurrency={} pre_exec={pre_exec} ballast_mib={} elapsed_s={elapsed:.3}",
+        "spawned={spawned} failed={failed} concurrency={} path={path:?} ballast_mib={} elapsed_s={elapsed:.3}",
         args.concurrency, args.ballast_mib
     );
     println!("spawns_per_sec={rate:.1}");
@@ -129,19 +142,42 @@ async fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Er
     Ok(())
 }
 
-/// Starts one child as the worker's executor does and waits for it; true on exit 0.
-async fn spawn_one(argv: &[String], i: u64, pre_exec: bool) -> bool {
+fn child_env(i: u64) -> Vec<(String, String)> {
+    vec![
+        (
+            "PATH".into(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
+        ),
+        ("TASK_ID".into(), i.to_string()),
+        ("TASK_ATTEMPT".into(), "1".into()),
+        ("TASK_MODULE".into(), "bench.noop".into()),
+        ("TASK_QUEUE".into(), "default".into()),
+    ]
+}
+
+/// One attempt through the worker's own executor; true on exit 0.
+async fn spawn_worker(argv: &[String], i: u64) -> bool {
+    let spec = Spec {
+        argv: argv.to_vec(),
+        env: child_env(i),
+        payload_mode: PayloadMode::Stdin,
+        timeout: Duration::from_secs(60),
+        kill_grace: Duration::from_secs(1),
+        output_cap: 64 * 1024,
+        payload_dir: std::env::temp_dir(),
+        isolation: Isolation::None,
+    };
+    let (_keep, stop) = tokio::sync::watch::channel(None);
+    let exec = executor::run(&spec, i as i64, 1, b"{\"n\":1}", stop).await;
+    exec.ending == Ending::Exited(0)
+}
+
+/// One child through `tokio::process`, with or without the `pre_exec` hook.
+async fn spawn_std(argv: &[String], i: u64, pre_exec: bool) -> bool {
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env_clear()
-        .env(
-            "PATH",
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
-        )
-        .env("TASK_ID", i.to_string())
-        .env("TASK_ATTEMPT", "1")
-        .env("TASK_MODULE", "bench.noop")
-        .env("TASK_QUEUE", "default")
+        .envs(child_env(i))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -174,7 +210,7 @@ async fn drain<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) {
     }
 }
 
-/// The same hook as the worker's `sys::die_with_parent`.
+/// The parent-death hook the worker used before `worker/src/spawn.rs`.
 #[allow(unsafe_code)]
 fn die_with_parent(cmd: &mut tokio::process::Command) {
     let parent = std::process::id() as libc::pid_t;

@@ -338,15 +338,13 @@ async fn jail_isolation(exe: &std::path::Path) -> Option<Isolation> {
         &[Isolation::UserNetNs]
     };
     for &isolation in candidates {
-        let mut cmd = tokio::process::Command::new(exe);
-        cmd.arg("--version")
-            .env_clear()
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        crate::sys::child_hooks(&mut cmd, isolation);
-        if matches!(cmd.status().await, Ok(s) if s.success()) {
-            return Some(isolation);
+        let probe = crate::spawn::Command::new(&[exe.as_os_str(), "--version".as_ref()], &[])
+            .map(|cmd| cmd.isolation(isolation))
+            .and_then(|cmd| cmd.spawn());
+        if let Ok(mut child) = probe {
+            if matches!(child.wait().await, Ok(s) if s.success()) {
+                return Some(isolation);
+            }
         }
     }
     None

@@ -1,4 +1,5 @@
-//! Runs one task attempt as a subprocess.
+//! Runs one task attempt as a subprocess (started by [`crate::spawn`], which never copies
+//! the worker's memory).
 //!
 //! The child gets an empty environment plus an allow-list, its own process group (so a
 //! stop reaches everything it started), `PR_SET_PDEATHSIG` (so it dies with the worker),
@@ -11,7 +12,6 @@ use std::{
     io::Write,
     os::unix::{ffi::OsStringExt, fs::OpenOptionsExt},
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -21,8 +21,8 @@ use tokio::{
     sync::watch,
 };
 
-use crate::sys;
 pub use crate::sys::Isolation;
+use crate::{spawn, sys};
 
 /// How the payload reaches the executor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -140,46 +140,40 @@ pub async fn run(
         stderr: Vec::new(),
         duration: started.elapsed(),
     };
-    let Some((program, args)) = spec.argv.split_first() else {
+    if spec.argv.is_empty() {
         return failed("the module's command is empty".into());
-    };
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    sys::child_hooks(&mut cmd, spec.isolation);
-
+    }
+    let mut argv: Vec<OsString> = spec.argv.iter().map(OsString::from).collect();
+    let mut env = spec.env.clone();
     let mut _payload_file = None;
     match spec.payload_mode {
-        PayloadMode::Stdin => {
-            cmd.stdin(Stdio::piped());
-        }
+        PayloadMode::Stdin => {}
         PayloadMode::File => {
-            cmd.stdin(Stdio::null());
             let path = spec
                 .payload_dir
                 .join(format!("task-{task_id}-{fence}.payload"));
             if let Err(e) = write_private(&path, payload) {
                 return failed(format!("cannot write the payload file: {e}"));
             }
-            cmd.env("TASK_PAYLOAD_FILE", &path);
+            env.push(("TASK_PAYLOAD_FILE".into(), path.display().to_string()));
             _payload_file = Some(PayloadFile(path));
         }
-        PayloadMode::Inline => {
-            cmd.stdin(Stdio::null());
-            cmd.arg(OsString::from_vec(payload.to_vec()));
-        }
+        PayloadMode::Inline => argv.push(OsString::from_vec(payload.to_vec())),
     }
-
-    let mut child = match cmd.spawn() {
+    let program = &spec.argv[0];
+    let spawned = spawn::Command::new(&argv, &env).and_then(|cmd| {
+        let cmd = cmd.isolation(spec.isolation);
+        if spec.payload_mode == PayloadMode::Stdin {
+            cmd.stdin_piped().spawn()
+        } else {
+            cmd.spawn()
+        }
+    });
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return failed(format!("cannot start {program:?}: {e}")),
     };
-    let pgid = child.id().unwrap_or(0);
+    let pgid = child.id();
 
     if let Some(mut stdin) = child.stdin.take() {
         let payload = payload.to_vec();
@@ -243,7 +237,7 @@ fn exit_ending(status: std::io::Result<std::process::ExitStatus>) -> Ending {
 }
 
 /// SIGTERM to the group, then SIGKILL if it is still there after `grace`.
-async fn terminate(child: &mut tokio::process::Child, pgid: u32, grace: Duration) {
+async fn terminate(child: &mut spawn::Child, pgid: u32, grace: Duration) {
     sys::signal_group(pgid, Signal::SIGTERM);
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
         sys::signal_group(pgid, Signal::SIGKILL);

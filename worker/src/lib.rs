@@ -18,7 +18,8 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/events` on a Unix socket or loopback.
 //! - [`metrics`], [`events`]: what the worker reports.
 //! - [`privdrop`]: switching from root to the service user.
-//! - `sys`: the few `unsafe` OS calls.
+//! - `spawn` (starting executors without copying the worker) and `sys` (the other OS
+//!   calls): the only modules with `unsafe`.
 #![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -36,6 +37,7 @@ pub mod plan;
 pub mod privdrop;
 pub mod retry;
 pub mod runner;
+mod spawn;
 pub mod store;
 mod sys;
 

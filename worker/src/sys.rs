@@ -1,6 +1,6 @@
-//! The few operating-system calls that need `unsafe`, kept in one small module:
-//! the executor's pre-exec steps (namespaces, parent-death signal) and bringing up
-//! loopback in a fresh network namespace.
+//! The few operating-system calls that need `unsafe` outside [`crate::spawn`]: the egress
+//! jail's pre-exec steps for its task, bringing up loopback in a fresh network namespace,
+//! and signalling an executor's process group.
 //!
 //! `pre_exec` runs between `fork` and `exec` in the child, where only async-signal-safe
 //! calls are allowed; everything here is a single raw syscall.
@@ -22,69 +22,6 @@ pub enum Isolation {
     NetNs,
     /// A new user and network namespace (unprivileged; needs user namespaces).
     UserNetNs,
-}
-
-/// Installs the child's pre-exec steps: optionally a new (user and) network namespace,
-/// then `PR_SET_PDEATHSIG` so the child dies with SIGKILL when the worker dies, even by
-/// SIGKILL.
-///
-/// The namespace comes first because entering a user namespace changes credentials,
-/// which clears the parent-death signal. `PR_SET_PDEATHSIG` fires when the *thread* that
-/// forked the child exits; Tokio spawns children from its runtime worker threads, which
-/// live as long as the runtime. The `getppid` check closes the race where the worker
-/// died between `fork` and `prctl`.
-pub fn child_hooks(cmd: &mut tokio::process::Command, isolation: Isolation) {
-    let parent = std::process::id() as libc::pid_t;
-    let flags = match isolation {
-        Isolation::None => 0,
-        Isolation::NetNs => libc::CLONE_NEWNET,
-        Isolation::UserNetNs => libc::CLONE_NEWUSER | libc::CLONE_NEWNET,
-    };
-    // In a new user namespace the child maps itself to root there (and only there), so
-    // the egress jail keeps the capability to bring its loopback up after exec. The map
-    // lines are built here, before fork: the child may not allocate.
-    let uid_map = format!("0 {} 1", nix::unistd::geteuid().as_raw());
-    let gid_map = format!("0 {} 1", nix::unistd::getegid().as_raw());
-    let map_ids = isolation == Isolation::UserNetNs;
-    // SAFETY: the closure only makes async-signal-safe syscalls (unshare, open, write,
-    // close, prctl, getppid) on memory prepared before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if flags != 0 && libc::unshare(flags) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if map_ids {
-                // After a privilege drop the process is not dumpable, which makes its
-                // /proc files root's; the child (about to exec anyway) takes them back.
-                // The worker itself stays non-dumpable, so tasks cannot ptrace it.
-                if libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                write_proc(c"/proc/self/setgroups", b"deny")?;
-                write_proc(c"/proc/self/uid_map", uid_map.as_bytes())?;
-                write_proc(c"/proc/self/gid_map", gid_map.as_bytes())?;
-            }
-            set_pdeathsig(parent)
-        });
-    }
-}
-
-/// open + write + close, for /proc files in a pre-exec hook.
-///
-/// # Safety
-/// Async-signal-safe; `path` is NUL-terminated by construction.
-unsafe fn write_proc(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
-    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = libc::write(fd, data.as_ptr().cast(), data.len());
-    let err = io::Error::last_os_error();
-    libc::close(fd);
-    if n != data.len() as isize {
-        return Err(err);
-    }
-    Ok(())
 }
 
 /// Pre-exec for the task inside the egress jail: dies with the jail, and gains no

@@ -1,7 +1,7 @@
 //! `worker egress-jail`: the first process inside an executor's private network
 //! namespace.
 //!
-//! The worker starts it with a fresh network namespace (see `sys::child_hooks`), so its
+//! The worker starts it with a fresh network namespace (see `spawn::Command::isolation`), so its
 //! only interface is a loopback that starts down. It brings loopback up, listens on
 //! `127.0.0.1:PORT` and relays every connection to the worker's egress proxy over a Unix
 //! socket — path-named Unix sockets are reached through the file system, not the network
