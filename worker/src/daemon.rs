@@ -113,7 +113,11 @@ pub async fn run(common: &Common, cfg: &RunConfig) -> Result<(), Error> {
         concurrency: cfg.concurrency,
         lease_ttl: cfg.lease_ttl,
         poll_interval: cfg.poll_interval,
-        claim_batch: cfg.concurrency.min(64),
+        // Short tasks finish faster than a claim commits: keep three slots' worth per
+        // slot in hand (4x concurrency leased in all, as Celery's default prefetch), which
+        // measured +15% tasks/s on PostgreSQL over 2x (docs/benchmarks.md).
+        claim_ahead: cfg.concurrency * 3,
+        claim_batch: (cfg.concurrency * 4).min(64),
         completion_batch: 256,
         drain: cfg.drain,
         shutdown_grace: cfg.shutdown_grace,

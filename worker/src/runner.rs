@@ -53,6 +53,8 @@ pub struct Settings {
     pub lease_ttl: Duration,
     /// Poll interval when idle (NOTIFY wakes PostgreSQL workers sooner).
     pub poll_interval: Duration,
+    /// Tasks claimed ahead of free executor slots (leased, waiting to start).
+    pub claim_ahead: usize,
     /// Most tasks claimed in one statement.
     pub claim_batch: usize,
     /// Most completions written in one statement.
@@ -134,6 +136,7 @@ pub async fn run(
         tokio::spawn(async move { s.store.watch(s.wake.clone(), stop).await })
     };
     let heartbeater = tokio::spawn(heartbeat_loop(shared.clone(), background.clone()));
+    let reaper = tokio::spawn(reap_loop(shared.clone(), background.clone()));
     let completer = tokio::spawn(complete_loop(shared.clone(), done_rx));
 
     let tracker = TaskTracker::new();
@@ -165,6 +168,7 @@ pub async fn run(
     }
     background.cancel();
     let _ = heartbeater.await;
+    let _ = reaper.await;
     let _ = watcher.await;
 }
 
@@ -177,13 +181,12 @@ async fn claim_loop(
     shutdown: &CancellationToken,
 ) {
     let s = &shared.settings;
-    // A worker holds up to twice its concurrency: the running tasks and as many claimed
-    // ahead, so the next claim's round trip (and commit) overlaps running executors
-    // instead of sitting between two tasks in a slot. Claimed-ahead tasks are leased and
-    // heartbeated like running ones, and released at once on shutdown.
-    let slots = Arc::new(Semaphore::new(s.concurrency * 2));
+    // A worker holds its running tasks plus `claim_ahead` claimed ahead, so the next
+    // claim's round trip (and commit) overlaps running executors instead of sitting
+    // between two tasks in a slot. Claimed-ahead tasks are leased and heartbeated like
+    // running ones, and released at once on shutdown.
+    let slots = Arc::new(Semaphore::new(s.concurrency + s.claim_ahead));
     let running = Arc::new(Semaphore::new(s.concurrency));
-    let mut last_reap = None::<Instant>;
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -204,11 +207,6 @@ async fn claim_loop(
                     }
                 }
             }
-        }
-
-        if last_reap.is_none_or(|t: Instant| t.elapsed() >= s.poll_interval) {
-            last_reap = Some(Instant::now());
-            reap(shared).await;
         }
 
         let limit = permits.len();
@@ -261,6 +259,19 @@ async fn claim_loop(
             _ = shutdown.cancelled() => return,
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(s.poll_interval) => {}
+        }
+    }
+}
+
+/// Every poll interval, ends expired tasks that must not run again. Its own loop, so its
+/// round trip never sits between two claims.
+async fn reap_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.settings.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => reap(&shared).await,
         }
     }
 }
