@@ -127,6 +127,47 @@ async fn claims_by_priority_then_age_within_limit(f: Fixture) {
     assert!(s.claim(claim_at(10, "w1", T0)).await.unwrap().is_empty());
 }
 
+async fn claims_across_several_queues_in_one_order(f: Fixture) {
+    let s = &*f.store;
+    s.migrate().await.unwrap();
+    let in_queue = |queue: &str, module: &str, priority: i32| {
+        let mut t = task(module, priority);
+        t.queue = queue.into();
+        t
+    };
+    let ids = enqueue(
+        s,
+        vec![
+            in_queue("q1", "a.q1low", 0),
+            in_queue("q2", "a.q2high", 9),
+            in_queue("q3", "a.q3top", 10), // not asked for
+            in_queue("q1", "a.q1mid", 5),
+            in_queue("q2", "a.q2low", 0),
+        ],
+        T0,
+    )
+    .await;
+    let several = |limit| ClaimParams {
+        queues: vec!["q1".into(), "q2".into()],
+        ..claim_at(limit, "w1", T0)
+    };
+    let got = s.claim(several(3)).await.unwrap();
+    // By priority across both queues, then by age; the limit holds for the merge.
+    assert_eq!(
+        got.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![ids[1], ids[3], ids[0]]
+    );
+    let rest = s.claim(several(10)).await.unwrap();
+    assert_eq!(rest.iter().map(|t| t.id).collect::<Vec<_>>(), vec![ids[4]]);
+    assert!(s.claim(several(10)).await.unwrap().is_empty());
+    // The queue nobody asked for is untouched.
+    let q3 = ClaimParams {
+        queues: vec!["q3".into()],
+        ..claim_at(10, "w1", T0)
+    };
+    assert_eq!(s.claim(q3).await.unwrap()[0].id, ids[2]);
+}
+
 async fn delayed_tasks_wait(f: Fixture) {
     let s = &*f.store;
     s.migrate().await.unwrap();
@@ -446,6 +487,7 @@ macro_rules! both_backends {
 both_backends!(
     schema_is_checked,
     claims_by_priority_then_age_within_limit,
+    claims_across_several_queues_in_one_order,
     delayed_tasks_wait,
     stale_fence_changes_nothing,
     heartbeat_extends_lease,

@@ -123,22 +123,29 @@ impl Store for PgStore {
         //
         // The planner walks `tasks_claimable` in claim order (skipping locked rows) only
         // when the queue and the clock are scalars; `queue = ANY(…)` or a joined clock
-        // makes it read and sort every claimable row, which grows with the backlog. So a
-        // worker on one queue (the common case) gets the scalar form.
-        let queue_filter = if p.queues.len() == 1 {
-            "queue = ($2::text[])[1]"
+        // makes it read and sort every claimable row, which grows with the backlog. So one
+        // queue is compared as a scalar, and several are each walked through the index
+        // (a LATERAL per queue, `limit` rows each) and merged. Rows a queue locked beyond
+        // the merged `limit` are unlocked when this one-statement transaction ends.
+        const CLAIMABLE: &str = "state IN ('queued', 'failed', 'running') \
+            AND available_at <= (SELECT now FROM clock) AND NOT cancel_requested \
+            AND NOT (state = 'running' AND attempt >= max_attempts)";
+        const ORDER: &str = "ORDER BY priority DESC, available_at, id LIMIT $3";
+        let picked = if p.queues.len() == 1 {
+            format!(
+                "SELECT id FROM tasks WHERE queue = ($2::text[])[1] AND {CLAIMABLE} \
+                 {ORDER} FOR UPDATE SKIP LOCKED"
+            )
         } else {
-            "queue = ANY($2)"
+            format!(
+                "SELECT c.id FROM unnest($2::text[]) AS q(name) CROSS JOIN LATERAL ( \
+                    SELECT id, priority, available_at FROM tasks \
+                    WHERE queue = q.name AND {CLAIMABLE} {ORDER} FOR UPDATE SKIP LOCKED) c \
+                 ORDER BY c.priority DESC, c.available_at, c.id LIMIT $3"
+            )
         };
         let sql = format!(
-            "WITH {CLOCK}, picked AS ( \
-                SELECT id FROM tasks \
-                WHERE state IN ('queued', 'failed', 'running') AND {queue_filter} \
-                  AND available_at <= (SELECT now FROM clock) AND NOT cancel_requested \
-                  AND NOT (state = 'running' AND attempt >= max_attempts) \
-                ORDER BY priority DESC, available_at, id \
-                LIMIT $3 \
-                FOR UPDATE SKIP LOCKED) \
+            "WITH {CLOCK}, picked AS ({picked}) \
              UPDATE tasks t SET state = 'running', attempt = t.attempt + 1, fence = t.fence + 1, \
                 lease_owner = $4, available_at = clock.now + $5, started_at = clock.now, \
                 updated_at = clock.now \

@@ -117,22 +117,25 @@ impl Store for SqliteStore {
         let queues =
             serde_json::to_string(&p.queues).map_err(|e| StoreError::Invalid(e.to_string()))?;
         // Same rules as the PostgreSQL claim; see there. One queue is compared as a scalar
-        // so SQLite walks `tasks_claimable` in order instead of sorting every due row.
-        let queue_filter = if p.queues.len() == 1 {
-            "queue = ?4 ->> '$[0]'"
-        } else {
-            "queue IN (SELECT value FROM json_each(?4))"
-        };
+        // so SQLite walks `tasks_claimable` in order instead of sorting every due row;
+        // several are each walked that way (`limit` rows per queue) and merged.
+        const CLAIMABLE: &str = "state IN ('queued', 'failed', 'running') \
+            AND available_at <= ?2 AND NOT cancel_requested \
+            AND NOT (state = 'running' AND attempt >= max_attempts)";
+        const ORDER: &str = "ORDER BY priority DESC, available_at, id LIMIT ?5";
+        let picked = (0..p.queues.len())
+            .map(|i| {
+                format!(
+                    "SELECT * FROM (SELECT id, priority, available_at FROM tasks \
+                     WHERE queue = ?4 ->> '$[{i}]' AND {CLAIMABLE} {ORDER})"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
         let sql = format!(
             "UPDATE tasks SET state = 'running', attempt = attempt + 1, fence = fence + 1, \
                 lease_owner = ?1, available_at = ?2 + ?3, started_at = ?2, updated_at = ?2 \
-             WHERE id IN ( \
-                SELECT id FROM tasks \
-                WHERE state IN ('queued', 'failed', 'running') \
-                  AND {queue_filter} \
-                  AND available_at <= ?2 AND NOT cancel_requested \
-                  AND NOT (state = 'running' AND attempt >= max_attempts) \
-                ORDER BY priority DESC, available_at, id LIMIT ?5) \
+             WHERE id IN (SELECT id FROM ({picked}) {ORDER}) \
              RETURNING id, queue, module, payload, attempt, max_attempts, fence, priority"
         );
         let rows: Vec<ClaimedTask> = sqlx::query_as(&sql)
