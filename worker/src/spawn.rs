@@ -500,6 +500,12 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    async fn read_all(pipe: Option<Receiver>) -> String {
+        let mut text = String::new();
+        pipe.unwrap().read_to_string(&mut text).await.unwrap();
+        text
+    }
+
     fn env() -> Vec<(String, String)> {
         vec![
             ("PATH".into(), "/usr/bin:/bin".into()),
@@ -516,22 +522,8 @@ mod tests {
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(b"hello\n").await.unwrap();
         drop(stdin);
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .await
-            .unwrap();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .await
-            .unwrap();
+        let out = read_all(child.stdout.take()).await;
+        let err = read_all(child.stderr.take()).await;
         let status = child.wait().await.unwrap();
         assert_eq!(status.code(), Some(3));
         assert!(out.starts_with("hello\n"), "{out}");
@@ -560,14 +552,7 @@ mod tests {
         )
         .unwrap();
         let mut child = cmd.spawn().unwrap();
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .await
-            .unwrap();
+        let out = read_all(child.stdout.take()).await;
         assert!(child.wait().await.unwrap().success(), "{out}");
         let pgid: u32 = out.lines().next().unwrap().trim().parse().unwrap();
         assert_eq!(pgid, child.id());
