@@ -147,6 +147,8 @@ async fn no_canary_reaches_any_output() {
         db.url
     );
     let ledger = d.join("ledger");
+    // Executors hold until the gate file exists, so `ps` sees them running.
+    let gate = d.join("gate");
     let script = d.join("exec.sh");
     std::fs::write(
         &script,
@@ -158,9 +160,10 @@ async fn no_canary_reaches_any_output() {
              echo \"login password={EXEC_PASSWORD} ok\"\n\
              echo \"sent Authorization: Bearer {EXEC_BEARER}\" >&2\n\
              echo '{{\"api_key\": \"{EXEC_API_KEY}\"}}' >&2\n\
-             sleep 1.5\n\
+             while [ ! -e {gate} ]; do sleep 0.05; done\n\
              case \"$1\" in *fail) exit 3;; esac\n",
-            ledger = ledger.display()
+            ledger = ledger.display(),
+            gate = gate.display()
         ),
     )
     .unwrap();
@@ -308,8 +311,8 @@ async fn no_canary_reaches_any_output() {
         (lines.lines().count() == 2).then(ps)
     });
     assert!(
-        ps_running.contains("exec.sh"),
-        "executors not in ps:\n{ps_running}"
+        ps_running.matches("exec.sh").count() >= 2,
+        "both executors should be in ps:\n{ps_running}"
     );
 
     // Traffic through the gateway: authorized scrapes and a wrong token.
@@ -328,6 +331,7 @@ async fn no_canary_reaches_any_output() {
     let (code, health) = client.get(gw.addr, "/healthz", Some(TOKEN)).await.unwrap();
     assert_eq!((code, health.as_str()), (200, "{\"status\":\"ok\"}"));
 
+    std::fs::write(&gate, "").unwrap();
     // Both tasks end; then every output is collected.
     let statuses: Vec<String> = ids
         .iter()
