@@ -276,6 +276,15 @@ pub fn bind(addr: &Addr, mode: u32, group: Option<&str>) -> Result<Listener, Htt
 }
 
 /// Replaces a socket file left by a dead worker; refuses a live one or a non-socket.
+/// How long a socket must keep accepting connections before it counts as in use.
+///
+/// A worker killed with SIGKILL can leave a child that was forked but has not reached
+/// `exec` yet (an executor being spawned): it still holds the listening socket, and the
+/// kernel completes connections for it, until its death signal or `exec` closes it a few
+/// milliseconds later. A supervisor restarting the worker at once must not be told the
+/// path is in use by that dying child (found by `tests/chaos/worker`).
+const IN_USE_GRACE: Duration = Duration::from_secs(2);
+
 fn clear_stale_socket(path: &Path) -> Result<(), HttpError> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
@@ -283,18 +292,30 @@ fn clear_stale_socket(path: &Path) -> Result<(), HttpError> {
         Ok(m) if !m.file_type().is_socket() => Err(HttpError::NotASocket {
             path: path.to_path_buf(),
         }),
-        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => Err(HttpError::InUse {
-                path: path.to_path_buf(),
-            }),
-            Err(_) => {
-                tracing::info!(path = %path.display(), "replacing a stale socket file");
-                std::fs::remove_file(path).map_err(|source| HttpError::Bind {
-                    addr: format!("unix:{}", path.display()),
-                    source,
-                })
-            }
-        },
+        Ok(_) if still_listening(path) => Err(HttpError::InUse {
+            path: path.to_path_buf(),
+        }),
+        Ok(_) => {
+            tracing::info!(path = %path.display(), "replacing a stale socket file");
+            std::fs::remove_file(path).map_err(|source| HttpError::Bind {
+                addr: format!("unix:{}", path.display()),
+                source,
+            })
+        }
+    }
+}
+
+/// True when something accepts connections on `path` for all of [`IN_USE_GRACE`].
+fn still_listening(path: &Path) -> bool {
+    let deadline = std::time::Instant::now() + IN_USE_GRACE;
+    loop {
+        if std::os::unix::net::UnixStream::connect(path).is_err() {
+            return false;
+        }
+        if std::time::Instant::now() >= deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

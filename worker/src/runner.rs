@@ -432,8 +432,14 @@ async fn execute(
         }
         Ending::Stopped(StopReason::Cancelled) => return done(Outcome::Cancelled, duration),
         Ending::Stopped(StopReason::Shutdown) => return done(Outcome::Released, duration),
-        Ending::Exited(code) => format!("exited with status {code}{}", stderr_suffix(&exec)),
-        Ending::Signaled(sig) => format!("killed by signal {sig}{}", stderr_suffix(&exec)),
+        Ending::Exited(code) => format!(
+            "exited with status {code}{}",
+            stderr_suffix(&exec, &task.payload)
+        ),
+        Ending::Signaled(sig) => format!(
+            "killed by signal {sig}{}",
+            stderr_suffix(&exec, &task.payload)
+        ),
         Ending::TimedOut => format!(
             "timed out after {}",
             humantime::format_duration(spec.timeout)
@@ -453,9 +459,13 @@ async fn execute(
     done(outcome, duration)
 }
 
-fn stderr_suffix(exec: &Execution) -> String {
-    let tail = String::from_utf8_lossy(&exec.stderr);
-    let tail = tail.trim();
+/// The end of the executor's stderr for the stored error, with secret-like values and
+/// anything the task echoed of its own payload redacted *before* the tail is cut, so a cut
+/// cannot separate a value from the key or the payload text that marks it.
+fn stderr_suffix(exec: &Execution, payload: &[u8]) -> String {
+    let all = String::from_utf8_lossy(&exec.stderr);
+    let all = redact(&scrub_payload(&all, payload)).into_owned();
+    let tail = all.trim();
     if tail.is_empty() {
         String::new()
     } else {
@@ -465,6 +475,49 @@ fn stderr_suffix(exec: &Execution) -> String {
             .find(|&i| tail.is_char_boundary(i))
             .unwrap_or(0);
         format!(": {}", &tail[start..])
+    }
+}
+
+/// Shortest payload piece [`scrub_payload`] replaces: shorter ones (`1`, `ok`) would blank
+/// out ordinary words of the error without hiding anything worth hiding.
+const MIN_SCRUBBED: usize = 4;
+
+/// Most payload pieces looked for, so a huge payload cannot make a failure expensive.
+const MAX_SCRUBBED: usize = 4096;
+
+/// Replaces every piece of `payload` found in `text` with `[REDACTED]`: the whole payload,
+/// each string value of a JSON payload, each line of a text payload. The payload is
+/// secret by contract; a task that prints its input when it fails must not move it into
+/// the stored error, `worker status` and the log.
+pub fn scrub_payload(text: &str, payload: &[u8]) -> String {
+    let Ok(whole) = std::str::from_utf8(payload) else {
+        return text.to_string();
+    };
+    let parsed = serde_json::from_str::<serde_json::Value>(whole).ok();
+    let mut pieces: Vec<&str> = vec![whole.trim()];
+    match &parsed {
+        Some(v) => json_strings(v, &mut pieces),
+        None => pieces.extend(whole.lines().map(str::trim)),
+    }
+    pieces.retain(|p| p.len() >= MIN_SCRUBBED);
+    // Longest first, so a value inside a longer piece is not replaced half-way.
+    pieces.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    pieces.dedup();
+    let mut out = text.to_string();
+    for p in pieces.into_iter().take(MAX_SCRUBBED) {
+        if out.contains(p) {
+            out = out.replace(p, taskgate_shared::redact::REDACTED);
+        }
+    }
+    out
+}
+
+fn json_strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+    match v {
+        serde_json::Value::String(s) => out.push(s),
+        serde_json::Value::Array(a) => a.iter().for_each(|x| json_strings(x, out)),
+        serde_json::Value::Object(o) => o.values().for_each(|x| json_strings(x, out)),
+        _ => {}
     }
 }
 
@@ -664,5 +717,31 @@ fn settle(shared: &Shared, batch: Vec<Done>, applied: &[i64]) {
         shared
             .events
             .emit(d.lease.id, &d.module, &d.queue, state, d.attempt, ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrub_payload_hides_what_a_task_echoes_of_its_payload() {
+        let json =
+            br#"{"note": "CANARY-one", "n": 12345, "deep": {"list": ["CANARY-two"]}, "s": "ab"}"#;
+        let text = format!(
+            "bad input {} (CANARY-one, CANARY-two), ab",
+            std::str::from_utf8(json).unwrap()
+        );
+        let out = scrub_payload(&text, json);
+        assert!(!out.contains("CANARY"), "{out}");
+        assert!(out.starts_with("bad input [REDACTED]"), "{out}");
+        assert!(out.ends_with(", ab"), "short values stay: {out}");
+
+        let lines = b"first-secret-line\nsecond-secret-line\n";
+        let out = scrub_payload("got second-secret-line", lines);
+        assert_eq!(out, "got [REDACTED]");
+
+        let binary = [0xff, 0xfe, 0x00, 0x41];
+        assert_eq!(scrub_payload("nothing to hide", &binary), "nothing to hide");
     }
 }
