@@ -181,6 +181,7 @@ pub fn run(prepared: Prepared) -> Result<(), GatewayError> {
     let app = WithHeadDeadline::new(
         proxy,
         config.header_timeout,
+        config.idle_timeout,
         metrics.header_timeout_count.clone(),
     );
     let mut service = Service::new("taskgate gateway".to_string(), app);
