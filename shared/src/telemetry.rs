@@ -106,9 +106,13 @@ pub fn init(opts: &LogOptions) -> Result<TelemetryGuard, TelemetryError> {
         })
     };
     let mut guards = Vec::new();
+    // The writer thread writes every line it takes off the channel and flushes when the
+    // channel is empty, so a buffer batches the lines of a burst into one write(2) without
+    // holding any line back once the burst ends. Unbuffered, each line was its own syscall:
+    // at 35k audit lines/s that thread used a fifth of the gateway's CPU.
     let (stderr, g) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
-        .finish(io::stderr());
+        .finish(io::BufWriter::with_capacity(64 * 1024, io::stderr()));
     guards.push(g);
     let stderr = Redacting(stderr);
     let console: Box<dyn Layer<Registry> + Send + Sync> = match opts.format {
