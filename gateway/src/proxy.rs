@@ -61,9 +61,13 @@ fn fixed(
     close: bool,
     extra: Option<(&'static str, &'static str)>,
 ) -> Result<ResponseHeader> {
-    let mut h = ResponseHeader::build(status, Some(4))?;
+    let mut h = ResponseHeader::build(status, Some(6))?;
     h.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    // A denial is never cached by a shared cache nor sniffed into another type
+    // (testssl rates a response without any of these headers MEDIUM; tests/tls/scan).
+    h.insert_header(header::CACHE_CONTROL, "no-store")?;
+    h.insert_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")?;
     if close {
         h.insert_header(header::CONNECTION, "close")?;
     }

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::config::ConfigError;
 
@@ -72,10 +72,28 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 fn parse_one(s: &str) -> Option<IpNet> {
-    if let Ok(net) = s.parse::<IpNet>() {
-        return Some(net.trunc());
+    let net = match s.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => IpNet::from(s.parse::<IpAddr>().ok()?),
+    };
+    Some(canonical_net(net))
+}
+
+/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network it means.
+/// Sources are matched after [`canonical`], so a mapped entry left as IPv6 would never
+/// match anything (found by the `cidr` fuzz target).
+fn canonical_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), Some(len)) = (
+            v6.network().to_ipv4_mapped(),
+            v6.prefix_len().checked_sub(96),
+        ) {
+            if let Ok(v4net) = Ipv4Net::new(v4, len) {
+                return IpNet::V4(v4net);
+            }
+        }
     }
-    s.parse::<IpAddr>().ok().map(IpNet::from)
+    net
 }
 
 #[cfg(test)]
@@ -91,6 +109,22 @@ mod tests {
         assert!(l.allows("192.0.2.7".parse().unwrap()));
         assert!(!l.allows("192.0.2.8".parse().unwrap()));
         assert!(!l.allows("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn mapped_entries_mean_their_ipv4_networks() {
+        let l = CidrList::parse("k", &["::ffff:10.0.0.0/104", "::ffff:192.0.2.7"]).unwrap();
+        for ip in [
+            "10.1.2.3",
+            "::ffff:10.1.2.3",
+            "192.0.2.7",
+            "::ffff:192.0.2.7",
+        ] {
+            assert!(l.allows(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(!l.allows("11.0.0.1".parse().unwrap()));
+        assert!(!l.allows("192.0.2.8".parse().unwrap()));
+        assert_eq!(l.nets()[0].to_string(), "10.0.0.0/8");
     }
 
     #[test]

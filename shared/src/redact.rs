@@ -54,44 +54,51 @@ pub fn is_secret_key(name: &str) -> bool {
 
 /// Returns `text` with every secret-like value replaced by [`REDACTED`].
 ///
+/// Every key is looked for, including keys inside a value already found: a value that
+/// swallowed the next key (`token= password: hunter2`, or a quote that closes early as
+/// in `key: " password: "hunter2"`) must not hide that key's value. Overlapping and
+/// touching values are merged into one [`REDACTED`].
+///
 /// Borrows when there is nothing to redact, so the common case costs one regex scan.
 pub fn redact(text: &str) -> Cow<'_, str> {
-    let mut out: Option<String> = None;
-    let mut copied_to = 0;
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
     let mut pos = 0;
-    while let Some(m) = KEY_AND_SEPARATOR.find_at(text, pos) {
-        let value_start = m.end();
-        let Some((inner_start, inner_end, resume)) = scan_value(text, value_start) else {
-            pos = m.end().max(pos + 1);
-            if pos >= text.len() {
-                break;
-            }
-            continue;
-        };
-        let buf = out.get_or_insert_with(|| String::with_capacity(text.len()));
-        buf.push_str(&text[copied_to..inner_start]);
-        buf.push_str(REDACTED);
-        buf.push_str(&text[inner_end..resume]);
-        copied_to = resume;
-        pos = resume;
-        if pos >= text.len() {
+    while pos < text.len() {
+        let Some(m) = KEY_AND_SEPARATOR.find_at(text, pos) else {
             break;
+        };
+        if let Some(range) = scan_value(text, m.end()) {
+            ranges.push(range);
         }
+        pos = m.end();
     }
-    match out {
-        None => Cow::Borrowed(text),
-        Some(mut buf) => {
-            buf.push_str(&text[copied_to..]);
-            Cow::Owned(buf)
+    if ranges.is_empty() {
+        return Cow::Borrowed(text);
+    }
+    ranges.sort_unstable();
+    let mut out = String::with_capacity(text.len());
+    let mut copied_to = 0;
+    let mut i = 0;
+    while i < ranges.len() {
+        let (start, mut end) = ranges[i];
+        i += 1;
+        while i < ranges.len() && ranges[i].0 <= end {
+            end = end.max(ranges[i].1);
+            i += 1;
         }
+        out.push_str(&text[copied_to..start]);
+        out.push_str(REDACTED);
+        copied_to = end;
     }
+    out.push_str(&text[copied_to..]);
+    Cow::Owned(out)
 }
 
 /// Finds the secret value starting at `start`.
 ///
-/// Returns the byte range to replace and where scanning resumes (after a closing quote,
-/// which is kept), or `None` when there is no value (e.g. `token=` at end of line).
-fn scan_value(text: &str, start: usize) -> Option<(usize, usize, usize)> {
+/// Returns the byte range to replace (a closing quote is kept outside it), or `None` when
+/// there is no value (e.g. `token=` at end of line).
+fn scan_value(text: &str, start: usize) -> Option<(usize, usize)> {
     let bytes = text.as_bytes();
     let mut i = start;
     // An HTTP auth scheme stays visible; the credential after it does not.
@@ -115,12 +122,8 @@ fn scan_value(text: &str, start: usize) -> Option<(usize, usize, usize)> {
         let quote = bytes[i + level];
         let inner_start = i + level + 1;
         return Some(match find_closing_quote(bytes, inner_start, quote, level) {
-            Some(close_backslashes_at) => (inner_start, close_backslashes_at, close_backslashes_at),
-            None => (
-                inner_start,
-                line_end(bytes, inner_start),
-                line_end(bytes, inner_start),
-            ),
+            Some(close_backslashes_at) => (inner_start, close_backslashes_at),
+            None => (inner_start, line_end(bytes, inner_start)),
         });
     }
     if level > 0 {
@@ -129,13 +132,13 @@ fn scan_value(text: &str, start: usize) -> Option<(usize, usize, usize)> {
     }
     if i < bytes.len() && (bytes[i] == b'{' || bytes[i] == b'[') {
         let end = matching_bracket(bytes, i).unwrap_or_else(|| line_end(bytes, i));
-        return Some((i, end, end));
+        return Some((i, end));
     }
     let end = bytes[i..]
         .iter()
         .position(|b| b.is_ascii_whitespace() || b",;&\"'\\}])<>".contains(b))
         .map_or(bytes.len(), |p| i + p);
-    (end > i).then_some((i, end, end))
+    (end > i).then_some((i, end))
 }
 
 /// Finds the closing quote of a value quoted at escape `level`, returning the index of the
@@ -280,6 +283,18 @@ mod tests {
     #[test]
     fn unterminated_quote_redacts_rest_of_line() {
         assert_eq!(r("password=\"abc def\nnext"), "password=\"[REDACTED]\nnext");
+    }
+
+    #[test]
+    fn a_value_that_swallowed_the_next_key_does_not_hide_its_value() {
+        // Found by the `redact` fuzz target (tests/fuzz, fuzz/corpus/redact).
+        assert_eq!(
+            r("token= password: hunter2 x=1"),
+            "token= [REDACTED] [REDACTED] x=1"
+        );
+        let out = r(r#"api_key: " privatekey: "hunter2"" n=1"#);
+        assert!(!out.contains("hunter2"), "{out}");
+        assert!(out.ends_with(" n=1"), "{out}");
     }
 
     #[test]
