@@ -68,14 +68,7 @@ async fn source_outside_the_allow_list_is_dropped_before_tls() {
 async fn empty_allow_list_allows_all_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path()).await;
-    let args: Vec<String> = [
-        "--upstream",
-        &format!("unix:{}", up.socket.display()),
-        "--insecure-plaintext",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = plaintext_args(&up, &[]);
     let gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
     let c = Client::plain().from("127.0.0.9");
     assert_eq!(

@@ -103,16 +103,7 @@ fn check_config_validates_files_and_exits() {
 async fn sigterm_shuts_down_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path()).await;
-    let args: Vec<String> = [
-        "--upstream",
-        &format!("unix:{}", up.socket.display()),
-        "--insecure-plaintext",
-        "--shutdown-grace",
-        "1s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = plaintext_args(&up, &["--shutdown-grace", "1s"]);
     // Stand in for systemd: Type=notify services report READY=1 and STOPPING=1 here.
     let notify_path = dir.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
@@ -167,16 +158,7 @@ async fn privileges_are_dropped_after_binding() {
     }
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path()).await;
-    let args: Vec<String> = [
-        "--upstream",
-        &format!("unix:{}", up.socket.display()),
-        "--insecure-plaintext",
-        "--user",
-        "nobody",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = plaintext_args(&up, &["--user", "nobody"]);
     let gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
     eventually("gateway runs as nobody", Duration::from_secs(10), || {
         let status =

@@ -30,14 +30,7 @@ async fn head(gw: SocketAddr, path: &str, token: Option<&str>) -> String {
 async fn denials_carry_no_store_and_nosniff() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path()).await;
-    let args: Vec<String> = [
-        "--upstream",
-        &format!("unix:{}", up.socket.display()),
-        "--insecure-plaintext",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = plaintext_args(&up, &[]);
     let gw = Gateway::start(
         &args,
         &[("METRICS_AUTH_TOKEN", TOKEN_A), ("METRICS_AUTH_LIMIT", "1")],

@@ -144,16 +144,7 @@ async fn flood_from_distinct_loopback_addresses() {
 
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path()).await;
-    let args: Vec<String> = [
-        "--upstream",
-        &format!("unix:{}", up.socket.display()),
-        "--insecure-plaintext",
-        "--threads",
-        &threads,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = plaintext_args(&up, &["--threads", &threads]);
     let max_entries_s = max_entries.to_string();
     let gw = Gateway::start(
         &args,

@@ -111,14 +111,7 @@ fn metric(body: &str, name: &str) -> u64 {
 async fn flood_from_50000_addresses_keeps_the_table_bounded_and_the_penalty() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path()).await;
-    let args: Vec<String> = [
-        "--upstream",
-        &format!("unix:{}", up.socket.display()),
-        "--insecure-plaintext",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = plaintext_args(&up, &[]);
     let gw = Gateway::start(
         &args,
         &[

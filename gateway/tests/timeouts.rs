@@ -111,16 +111,7 @@ async fn slowloris_is_cut_within_the_header_deadline() {
 async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let up = Upstream::start(dir.path()).await;
-    let args: Vec<String> = [
-        "--upstream",
-        &format!("unix:{}", up.socket.display()),
-        "--insecure-plaintext",
-        "--idle-timeout",
-        "1s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = plaintext_args(&up, &["--idle-timeout", "1s"]);
     let gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
     let mut tcp = Client::plain().tcp(gw.addr).await.unwrap();
     tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nauthorization: Bearer token-aaaaaaaaaaaaaaaaaaaa\r\n\r\n")

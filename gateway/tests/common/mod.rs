@@ -269,6 +269,17 @@ impl Drop for Gateway {
     }
 }
 
+/// Arguments for a plain-HTTP gateway in front of `up`, plus `extra`.
+pub fn plaintext_args(up: &Upstream, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--upstream".to_string(),
+        format!("unix:{}", up.socket.display()),
+        "--insecure-plaintext".to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// Arguments for a TLS gateway in front of `up` with mTLS and a token file.
 pub fn tls_args(pki: &Pki, up: &Upstream, token_file: &Path) -> Vec<String> {
     vec![
