@@ -11,6 +11,7 @@
 
 use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc};
 
+use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::{
@@ -35,10 +36,10 @@ struct Args {
     threads: usize,
 }
 
-fn args() -> Args {
+fn args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
     let mut a = Args {
-        listen: "127.0.0.1:9444".parse().unwrap(),
+        listen: SocketAddr::from(([127, 0, 0, 1], 9444)),
         upstream: PathBuf::new(),
         cert: PathBuf::new(),
         key: PathBuf::new(),
@@ -46,77 +47,100 @@ fn args() -> Args {
         threads: 2,
     };
     while let Some(flag) = it.next() {
-        let v = it.next().expect("every flag takes a value");
+        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--listen" => a.listen = v.parse().expect("--listen IP:PORT"),
+            "--listen" => a.listen = v.parse().context("--listen takes IP:PORT")?,
             "--upstream" => a.upstream = v.into(),
             "--cert" => a.cert = v.into(),
             "--key" => a.key = v.into(),
             "--token" => a.token = v,
-            "--threads" => a.threads = v.parse().expect("--threads N"),
-            other => panic!("unknown flag {other}"),
+            "--threads" => a.threads = v.parse().context("--threads takes a number")?,
+            other => anyhow::bail!(
+                "unknown flag {other}; use --listen, --upstream, --cert, --key, --token, --threads"
+            ),
         }
     }
-    a
+    Ok(a)
 }
 
-fn main() {
-    let a = Arc::new(args());
+/// What every connection shares, built once at start-up.
+struct Shared {
+    listen: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    expected: Arc<[u8]>,
+    upstream: Arc<PathBuf>,
+}
+
+fn shared(a: Args) -> anyhow::Result<Shared> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&a.cert)
+        .and_then(|certs| certs.collect())
+        .with_context(|| format!("cannot read certificates from {}", a.cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&a.key)
+        .with_context(|| format!("cannot read a private key from {}", a.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the certificate and key do not form a usable pair")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Shared {
+        listen: a.listen,
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        expected: format!("Bearer {}", a.token).into_bytes().into(),
+        upstream: Arc::new(a.upstream),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = args()?;
+    let threads = a.threads;
+    let shared = Arc::new(shared(a)?);
     if std::env::var_os("PROBE_PER_CORE").is_none() {
         return tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(a.threads)
+            .worker_threads(threads)
             .enable_all()
-            .build()
-            .unwrap()
-            .block_on(serve(a));
+            .build()?
+            .block_on(serve(shared));
     }
     // nginx's model: one single-threaded event loop per core, each with its own
     // SO_REUSEPORT listener, so a connection never changes threads.
-    let threads: Vec<_> = (0..a.threads)
+    let loops: Vec<_> = (0..threads)
         .map(|_| {
-            let a = a.clone();
+            let shared = shared.clone();
             std::thread::spawn(move || {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
-                    .build()
-                    .unwrap()
-                    .block_on(serve(a))
+                    .build()?
+                    .block_on(serve(shared))
             })
         })
         .collect();
-    for t in threads {
-        let _ = t.join();
+    for l in loops {
+        l.join()
+            .map_err(|_| anyhow::anyhow!("an event loop panicked"))??;
     }
+    Ok(())
 }
 
-async fn serve(a: Arc<Args>) {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&a.cert)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(&a.key).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let expected: Arc<[u8]> = format!("Bearer {}", a.token).into_bytes().into();
-    let upstream: Arc<PathBuf> = Arc::new(a.upstream.clone());
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_reuseport(true).unwrap();
-    socket.set_reuseaddr(true).unwrap();
-    socket.bind(a.listen).unwrap();
-    let listener = socket.listen(1024).unwrap();
+async fn serve(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseport(true)?;
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(shared.listen)
+        .with_context(|| format!("cannot bind {}", shared.listen))?;
+    let listener = socket.listen(1024)?;
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, expected, upstream) = (acceptor.clone(), expected.clone(), upstream.clone());
+        let (acceptor, expected, upstream) = (
+            shared.acceptor.clone(),
+            shared.expected.clone(),
+            shared.upstream.clone(),
+        );
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
@@ -170,7 +194,9 @@ async fn handle(
         tokio::spawn(conn);
         *slot = Some(sender);
     }
-    let sender = slot.as_mut().expect("set above");
+    let Some(sender) = slot.as_mut() else {
+        return fixed(StatusCode::BAD_GATEWAY, "bad gateway\n");
+    };
     if sender.ready().await.is_err() {
         *slot = None;
         return fixed(StatusCode::BAD_GATEWAY, "bad gateway\n");
