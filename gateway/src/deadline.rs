@@ -1,16 +1,25 @@
-//! The request-head deadline pingora lacks.
+//! Deadlines on a downstream connection: the whole request head (slowloris) and the idle
+//! wait between requests.
 //!
-//! pingora times out each *read* of a request head (60 s, or the keep-alive timeout on a
-//! reused connection), so a client that trickles one byte at a time (slowloris) holds a
-//! connection open for as long as it likes. [`HeadDeadline`] wraps each downstream stream
-//! and bounds the *whole* head: the clock starts when the connection is handed over after
-//! the TLS handshake (first request) or at the first byte of a later request, and stops at
-//! the blank line that ends the head. Past the deadline, reads fail with `TimedOut` and
-//! pingora closes the connection.
+//! hyper times nothing by itself here, and a per-read timeout would let a client that
+//! trickles one byte at a time hold a connection for as long as it likes. [`Deadlines`]
+//! wraps the stream (under hyper, over TLS) and bounds:
 //!
-//! The wrapper sees every byte, so it finds the end of the head itself instead of asking
-//! pingora; that costs a byte scan of the head only (bodies and idle time are not
-//! scanned), and the one timer per connection is reset, not re-allocated, per request.
+//! - the *whole* request head: the clock starts when the connection is handed over after
+//!   the TLS handshake (first request) or at the first byte of a later request, and stops
+//!   at the blank line that ends the head;
+//! - the quiet time of a connection between requests, or while a response is streaming:
+//!   no byte read nor written for `idle` closes it. A streaming `/events` response writes
+//!   a heartbeat well within that bound, so it is never cut.
+//!
+//! Past a deadline, reads fail with `TimedOut` and hyper closes the connection.
+//!
+//! The wrapper sees every byte, so it finds the end of the head itself; that costs a byte
+//! scan of the head only (bodies and idle time are not scanned). There is one timer per
+//! connection. It is moved earlier when a deadline comes closer (the head deadline after
+//! an idle wait; the idle bound, when shorter than the head deadline, after a request);
+//! every later deadline is applied lazily, when the timer fires, so a read or a write
+//! costs a clock read and no timer operation.
 
 use std::{
     future::Future,
@@ -24,16 +33,6 @@ use std::{
     time::Duration,
 };
 
-use async_trait::async_trait;
-use pingora::{
-    apps::{HttpPersistentSettings, HttpServerApp, ServerApp},
-    protocols::http::ServerSession,
-    protocols::{
-        raw_connect::ProxyDigest, tls::SslDigest, GetProxyDigest, GetSocketDigest, GetTimingDigest,
-        Peek, Shutdown, SocketDigest, Ssl, Stream, TimingDigest, UniqueID, UniqueIDType, ALPN,
-    },
-    server::ShutdownWatch,
-};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{Instant, Sleep},
@@ -42,43 +41,56 @@ use tokio::{
 /// Where a connection is in its request/response cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Reading a request head; the deadline is armed.
+    /// Reading a request head; the head deadline is armed.
     Head,
-    /// The head is complete; body and response flow without a deadline.
-    Body,
-    /// A response was written; waiting for the next request (bounded by pingora's
-    /// keep-alive timeout, not by us).
+    /// The head is complete; the request is being handled. No deadline here: the upstream
+    /// timeouts bound the wait for the response.
+    Handling,
+    /// A response is being written or was written: the idle bound applies, counted from
+    /// the last byte read or written.
     Idle,
 }
 
-/// A downstream stream with a deadline on each request head.
+/// Both deadlines, and what the timer stands for.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The whole request head must arrive within this.
+    pub head: Duration,
+    /// A connection with no byte in either direction for this long is closed.
+    pub idle: Duration,
+}
+
+/// A downstream stream with a head deadline and an idle bound.
 #[derive(Debug)]
-pub struct HeadDeadline {
-    inner: Stream,
-    timeout: Duration,
+pub struct Deadlines<S> {
+    inner: S,
+    limits: Limits,
     phase: Phase,
     /// Whether the last head byte seen was a line feed (CRs ignored): a second one ends
     /// the head, whether lines end in CRLF or bare LF as httparse allows.
     after_lf: bool,
+    /// When the current head must be complete.
+    head_by: Instant,
+    /// The last time a byte was read or written outside a head.
+    last_activity: Instant,
     sleep: Pin<Box<Sleep>>,
     cut: Arc<AtomicU64>,
-    /// Bytes read by [`Peek::try_peek`] while waiting for the next request, handed out
-    /// before anything else is read.
-    early: Vec<u8>,
 }
 
-impl HeadDeadline {
-    /// Wraps `inner`; the first head must arrive within `timeout` from now. `cut` counts
-    /// connections closed by the deadline.
-    pub fn new(inner: Stream, timeout: Duration, cut: Arc<AtomicU64>) -> Self {
-        HeadDeadline {
+impl<S> Deadlines<S> {
+    /// Wraps `inner`; the first head must arrive within `limits.head` from now. `cut`
+    /// counts connections closed by the head deadline.
+    pub fn new(inner: S, limits: Limits, cut: Arc<AtomicU64>) -> Self {
+        let now = Instant::now();
+        Deadlines {
             inner,
-            timeout,
+            limits,
             phase: Phase::Head,
             after_lf: false,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            head_by: now + limits.head,
+            last_activity: now,
+            sleep: Box::pin(tokio::time::sleep_until(now + limits.head)),
             cut,
-            early: Vec::new(),
         }
     }
 
@@ -94,49 +106,83 @@ impl HeadDeadline {
         }
         false
     }
+
+    /// Polls the timer; `Some(error)` when the deadline of the current phase has passed.
+    /// A timer that fired early (the deadline moved later meanwhile) is re-armed.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            let due = match self.phase {
+                Phase::Head => self.head_by,
+                Phase::Idle => self.last_activity + self.limits.idle,
+                // Nothing to bound; park the timer until the next phase change needs it.
+                Phase::Handling => Instant::now() + self.limits.idle,
+            };
+            if due <= Instant::now() {
+                return Some(match self.phase {
+                    Phase::Head => {
+                        self.cut.fetch_add(1, Ordering::Relaxed);
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "request head not complete within the header deadline",
+                        )
+                    }
+                    _ => io::Error::new(io::ErrorKind::TimedOut, "idle connection closed"),
+                });
+            }
+            self.sleep.as_mut().reset(due);
+        }
+    }
+
+    fn wrote(&mut self) {
+        // A response is going out: the next bytes read start a new request.
+        let now = Instant::now();
+        self.last_activity = now;
+        if self.phase != Phase::Idle {
+            self.phase = Phase::Idle;
+            // The timer may stand for a later deadline than the idle bound (a head
+            // deadline longer than the idle bound); bring it forward. Otherwise it stays,
+            // and is moved on lazily when it fires.
+            let due = now + self.limits.idle;
+            if self.sleep.deadline() > due {
+                self.sleep.as_mut().reset(due);
+            }
+        }
+    }
 }
 
-impl AsyncRead for HeadDeadline {
+impl<S: AsyncRead + Unpin> AsyncRead for Deadlines<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.early.is_empty() {
-            // Already scanned when they were read.
-            let n = this.early.len().min(buf.remaining());
-            buf.put_slice(&this.early[..n]);
-            this.early.drain(..n);
-            if this.early.is_empty() {
-                this.early = Vec::new();
+        if this.phase != Phase::Handling {
+            if let Some(e) = this.expired(cx) {
+                return Poll::Ready(Err(e));
             }
-            return Poll::Ready(Ok(()));
-        }
-        if this.phase == Phase::Head && this.sleep.as_mut().poll(cx).is_ready() {
-            this.cut.fetch_add(1, Ordering::Relaxed);
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "request head not complete within the header deadline",
-            )));
         }
         let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {
             let new = buf.filled().len() - before;
             if new > 0 {
+                let now = Instant::now();
+                this.last_activity = now;
                 if this.phase == Phase::Idle {
-                    // First byte of the next request: its head gets the full timeout.
+                    // First byte of the next request: its head gets the full deadline, and
+                    // the timer moves earlier than the idle bound it stood for.
                     this.phase = Phase::Head;
                     this.after_lf = false;
-                    let deadline = Instant::now() + this.timeout;
-                    this.sleep.as_mut().reset(deadline);
+                    this.head_by = now + this.limits.head;
+                    let head_by = this.head_by;
+                    this.sleep.as_mut().reset(head_by);
                 }
-                if this.phase == Phase::Head {
-                    let done = this.scan(&buf.filled()[before..]);
-                    if done {
-                        this.phase = Phase::Body;
-                    }
+                if this.phase == Phase::Head && this.scan(&buf.filled()[before..]) {
+                    this.phase = Phase::Handling;
                 }
             }
         }
@@ -144,7 +190,7 @@ impl AsyncRead for HeadDeadline {
     }
 }
 
-impl AsyncWrite for HeadDeadline {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Deadlines<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -153,8 +199,7 @@ impl AsyncWrite for HeadDeadline {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             if n > 0 {
-                // A response is going out: the next bytes read start a new request.
-                self.phase = Phase::Idle;
+                self.wrote();
             }
         }
         res
@@ -168,7 +213,7 @@ impl AsyncWrite for HeadDeadline {
         let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
             if n > 0 {
-                self.phase = Phase::Idle;
+                self.wrote();
             }
         }
         res
@@ -187,153 +232,78 @@ impl AsyncWrite for HeadDeadline {
     }
 }
 
-// === pingora's stream traits, all delegated ===
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[async_trait]
-impl Shutdown for HeadDeadline {
-    async fn shutdown(&mut self) {
-        self.inner.shutdown().await
-    }
-}
-
-impl UniqueID for HeadDeadline {
-    fn id(&self) -> UniqueIDType {
-        self.inner.id()
-    }
-}
-
-impl Ssl for HeadDeadline {
-    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
-        self.inner.get_ssl()
-    }
-
-    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
-        self.inner.get_ssl_digest()
-    }
-
-    fn selected_alpn_proto(&self) -> Option<ALPN> {
-        self.inner.selected_alpn_proto()
-    }
-}
-
-impl GetTimingDigest for HeadDeadline {
-    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
-    }
-}
-
-impl GetProxyDigest for HeadDeadline {
-    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.inner.get_proxy_digest()
-    }
-}
-
-impl GetSocketDigest for HeadDeadline {
-    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
-    }
-}
-
-/// Waits until the next request's first bytes arrive (or the head deadline passes) and
-/// keeps them for the following reads, so they are not consumed. `Ok(false)`: the peer
-/// closed the connection. [`WithHeadDeadline`] calls this between requests.
-#[async_trait]
-impl Peek for HeadDeadline {
-    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        if self.early.is_empty() {
-            let mut first = [0u8; 1024];
-            let n = tokio::io::AsyncReadExt::read(self, &mut first).await?;
-            if n == 0 {
-                return Ok(false);
-            }
-            self.early = first[..n].to_vec();
-        }
-        let n = self.early.len().min(buf.len());
-        buf[..n].copy_from_slice(&self.early[..n]);
-        Ok(true)
-    }
-}
-
-/// A [`ServerApp`] that wraps every accepted stream in a [`HeadDeadline`] and runs the
-/// HTTP/1 keep-alive loop itself.
-///
-/// pingora's own loop (`impl ServerApp for T: HttpServerApp`) waits for the next request
-/// *inside* `process_new_http`, whose boxed future is sized for the whole proxy state
-/// machine: every idle keep-alive connection held one such allocation plus a 4 KiB head
-/// buffer, about 59 KB per connection measured on plain HTTP. This loop waits in
-/// [`HeadDeadline`]'s `try_peek` (a 1 KiB stack buffer, then only the bytes that arrived)
-/// and calls `process_new_http` once a request has started, so an idle connection holds
-/// the TLS state and little else. The idle bound pingora applied to that wait
-/// (`set_keepalive`) is applied here; the head deadline works as before, because the
-/// bytes are read through [`HeadDeadline`].
-pub struct WithHeadDeadline<A> {
-    inner: Arc<A>,
-    timeout: Duration,
-    idle: Duration,
-    cut: Arc<AtomicU64>,
-}
-
-impl<A> WithHeadDeadline<A> {
-    /// Wraps `inner`. `timeout` bounds each request head, `idle` the wait for the next
-    /// request on a kept-alive connection; `cut` counts connections closed by the deadline.
-    pub fn new(inner: A, timeout: Duration, idle: Duration, cut: Arc<AtomicU64>) -> Self {
-        WithHeadDeadline {
-            inner: Arc::new(inner),
-            timeout,
-            idle,
-            cut,
-        }
-    }
-}
-
-#[async_trait]
-impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for WithHeadDeadline<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let mut stream: Stream =
-            Box::new(HeadDeadline::new(stream, self.timeout, self.cut.clone()));
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // Not offered by our listener; should a client get it anyway, pingora's own
-            // loop serves it.
-            return ServerApp::process_new(&self.inner, stream, shutdown).await;
-        }
-        let mut persistent = None;
-        let mut first = true;
-        loop {
-            if *shutdown.borrow() {
-                return None;
-            }
-            // The first request is bounded by the head deadline alone; later ones by the
-            // idle bound until their first byte, then by the head deadline.
-            let mut probe = [0u8; 1];
-            let arrived = if first {
-                stream.try_peek(&mut probe).await
-            } else {
-                match tokio::time::timeout(self.idle, stream.try_peek(&mut probe)).await {
-                    Ok(r) => r,
-                    Err(_) => return None,
-                }
-            };
-            if !matches!(arrived, Ok(true)) {
-                return None;
-            }
-            first = false;
-            let mut session = ServerSession::new_http1(stream);
-            match persistent.take() {
-                Some(settings) => HttpPersistentSettings::apply_to_session(settings, &mut session),
-                None => session.set_keepalive(Some(self.idle.as_secs().max(1))),
-            }
-            let reused = self.inner.process_new_http(session, shutdown).await?;
-            let (next, settings) = reused.consume();
-            stream = next;
-            persistent = settings;
+    fn limits() -> Limits {
+        Limits {
+            head: Duration::from_millis(200),
+            idle: Duration::from_millis(400),
         }
     }
 
-    async fn cleanup(&self) {
-        self.inner.http_cleanup().await
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_head_is_cut_at_the_deadline_not_per_read() {
+        let (client, server) = tokio::io::duplex(1024);
+        let cut = Arc::new(AtomicU64::new(0));
+        let mut s = Deadlines::new(server, limits(), cut.clone());
+        let writer = tokio::spawn(async move {
+            let mut client = client;
+            for b in b"GET /metrics HTTP/1.1\r\n" {
+                let _ = client.write_all(&[*b]).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            client
+        });
+        let started = Instant::now();
+        let mut buf = [0u8; 64];
+        let err = loop {
+            match s.read(&mut buf).await {
+                Ok(0) => panic!("closed instead of timing out"),
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(started.elapsed() < Duration::from_millis(260));
+        assert_eq!(cut.load(Ordering::Relaxed), 1);
+        drop(writer);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_keep_a_streaming_connection_alive_and_silence_ends_it() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let cut = Arc::new(AtomicU64::new(0));
+        let mut s = Deadlines::new(server, limits(), cut.clone());
+        client
+            .write_all(b"GET /events HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        // Streaming: a write every 300 ms for 3 s, never 400 ms of silence.
+        let reader = tokio::spawn(async move {
+            let mut sink = [0u8; 64];
+            while client.read(&mut sink).await.unwrap_or(0) > 0 {}
+        });
+        let mut s2 = s;
+        let pump = async {
+            for _ in 0..10 {
+                s2.write_all(b"data: x\n\n").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            s2
+        };
+        let mut s = pump.await;
+        // Then silence: the next read fails once the idle bound passes.
+        let started = Instant::now();
+        let err = s.read(&mut buf).await.expect_err("idle bound");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() <= Duration::from_millis(400));
+        assert_eq!(cut.load(Ordering::Relaxed), 0, "idle is not a head timeout");
+        reader.abort();
     }
 }

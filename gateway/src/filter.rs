@@ -3,8 +3,6 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use async_trait::async_trait;
-use pingora::listeners::ConnectionFilter;
 use taskgate_shared::cidr::CidrList;
 
 use crate::{
@@ -12,7 +10,7 @@ use crate::{
     metrics::Metrics,
 };
 
-/// pingora's [`ConnectionFilter`] over a [`CidrList`]. An empty list allows everyone.
+/// The allow-list, checked once per accepted connection. An empty list allows everyone.
 #[derive(Debug)]
 pub struct CidrFilter {
     list: CidrList,
@@ -24,11 +22,10 @@ impl CidrFilter {
     pub fn new(list: CidrList, metrics: Arc<Metrics>) -> Self {
         CidrFilter { list, metrics }
     }
-}
 
-#[async_trait]
-impl ConnectionFilter for CidrFilter {
-    async fn should_accept(&self, addr: Option<&SocketAddr>) -> bool {
+    /// True when a connection from `addr` may proceed; a refusal is counted and audited.
+    /// No address is a Unix-socket listener: local by construction.
+    pub fn should_accept(&self, addr: Option<&SocketAddr>) -> bool {
         match addr {
             Some(a) if !self.list.allows(a.ip()) => {
                 self.metrics.deny(Reason::Cidr);
@@ -39,7 +36,6 @@ impl ConnectionFilter for CidrFilter {
                 );
                 false
             }
-            // No address is a Unix-socket listener: local by construction.
             _ => true,
         }
     }

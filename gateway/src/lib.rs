@@ -1,22 +1,26 @@
-//! The taskgate gateway: a pingora server in front of the worker's Unix socket. It drops
-//! sources outside a CIDR allow-list at accept, terminates TLS (rustls, 1.2 and 1.3,
-//! optionally mTLS with a SAN allow-list), allows only a few paths, checks bearer tokens
-//! in constant time, limits unauthorized hits per host in a bounded table, writes an
-//! audit line for every denial, and proxies what is left to the worker.
+//! The taskgate gateway: the TLS front of the worker's Unix socket. It drops sources
+//! outside a CIDR allow-list at accept, terminates TLS (rustls, 1.2 and 1.3, optionally
+//! mTLS with a SAN allow-list), allows only a few paths, checks bearer tokens in constant
+//! time, limits unauthorized hits per host in a bounded table, writes an audit line for
+//! every denial, and proxies what is left to the worker. pingora's `Server` runs the
+//! process (signals, graceful shutdown, background services); requests are served by
+//! hyper on one event loop per core.
 //!
 //! # Layout
 //!
 //! - [`config`]: flags, environment and `gateway.toml` into one typed [`Config`].
+//! - [`listener`]: binding, the per-core event loops, one connection's life.
 //! - [`filter`]: the CIDR filter at accept.
 //! - [`tls`]: certificate, key and client CA behind swappable resolver and verifier.
-//! - [`deadline`]: the request-head deadline (slowloris) pingora lacks.
+//! - [`deadline`]: the request-head deadline (slowloris) and the idle bound.
 //! - [`proxy`]: the HTTP checks, in the order a request meets them, and the proxying.
+//! - [`upstream`]: the worker connection paired with each client connection.
 //! - [`limiter`]: GCRA per host in a table with a hard bound and a safe eviction rule.
 //! - [`audit`]: the audit log lines.
 //! - [`metrics`]: the `taskgate_gateway_*` metrics.
-//! - [`reload`]: SIGHUP and file-change reloads (and the privilege drop).
+//! - [`reload`]: SIGHUP and file-change reloads, and readiness.
 //! - [`privdrop`]: switching user and group after the listener is bound.
-//! - [`logbridge`]: pingora's `log` lines into `tracing`, and its TLS failures into audit lines.
+//! - [`logbridge`]: pingora's `log` lines into `tracing`.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -25,29 +29,37 @@ pub mod config;
 pub mod deadline;
 pub mod filter;
 pub mod limiter;
+pub mod listener;
 pub mod logbridge;
 pub mod metrics;
 pub mod privdrop;
 pub mod proxy;
 pub mod reload;
 pub mod tls;
+pub mod upstream;
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use pingora::{
-    listeners::{tls::TlsSettings, ListenerConfig},
-    protocols::l4::stream::L4BufferSettings,
     server::{configuration::ServerConf, RunArgs, Server},
-    services::{background::background_service, listening::Service},
+    services::background::background_service,
 };
-use taskgate_shared::{config::ConfigError, listen::Addr, tokens::TokenSet};
+use taskgate_shared::{config::ConfigError, tokens::TokenSet};
 
 pub use config::{Cli, Config};
 
 use crate::{
-    config::AuthSource, deadline::WithHeadDeadline, filter::CidrFilter, limiter::Limiter,
-    metrics::Metrics, privdrop::PrivDrop, proxy::Gateway, reload::Reloader, tls::TlsMaterial,
+    config::AuthSource,
+    deadline::Limits,
+    filter::CidrFilter,
+    limiter::Limiter,
+    listener::{Frontend, Shared},
+    metrics::Metrics,
+    privdrop::PrivDrop,
+    proxy::Gateway,
+    reload::Reloader,
+    tls::TlsMaterial,
 };
 
 /// Why the gateway could not start.
@@ -62,9 +74,6 @@ pub enum GatewayError {
     /// The privilege drop cannot be done (exit 64).
     #[error(transparent)]
     Priv(#[from] privdrop::PrivError),
-    /// The proxy could not be set up.
-    #[error(transparent)]
-    Proxy(#[from] proxy::ProxyError),
     /// Metrics could not be registered (a bug).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -113,11 +122,7 @@ pub fn prepare(config: Config) -> Result<Prepared, GatewayError> {
         AuthSource::Inline(set) => Some(Arc::new(ArcSwap::from_pointee(set.clone()))),
         AuthSource::Disabled => None,
     };
-    let privdrop = PrivDrop::resolve(
-        config.user.as_deref(),
-        config.group.as_deref(),
-        &config.listen,
-    )?;
+    let privdrop = PrivDrop::resolve(config.user.as_deref(), config.group.as_deref())?;
     Ok(Prepared {
         config,
         tls,
@@ -161,60 +166,47 @@ pub fn run(prepared: Prepared) -> Result<(), GatewayError> {
         privdrop,
     } = prepared;
     let metrics = Arc::new(Metrics::new()?);
-    logbridge::install(metrics.clone());
+    logbridge::install();
     warn_about(&config, &tokens);
-    preflight_bind(&config.listen)?;
 
+    // Bind, then drop privileges before anything else runs: no request is ever served
+    // as root, and a port below 1024 still works.
+    let bound = listener::bind(&config.listen).map_err(|e| GatewayError::Bind {
+        addr: config.listen.to_string(),
+        reason: e.to_string(),
+    })?;
+    if let Some(p) = &privdrop {
+        p.apply()?;
+    }
+
+    let acceptor = match &tls {
+        Some(material) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
+            material,
+        )?)),
+        None => None,
+    };
     let limiter = Arc::new(Limiter::new(config.limit));
-    let gateway = Gateway::new(&config, tokens.clone(), limiter, metrics.clone())?;
+    let shared = Shared {
+        gateway: Gateway::new(&config, tokens.clone(), limiter, metrics.clone()),
+        tls: acceptor,
+        filter: CidrFilter::new(config.allow_cidrs.clone(), metrics.clone()),
+        limits: Limits {
+            head: config.header_timeout,
+            idle: config.idle_timeout,
+        },
+        header_cut: metrics.header_timeout_count.clone(),
+    };
 
     let conf = ServerConf {
-        threads: config.threads,
+        // pingora's own runtimes only run the reload service and wait for the loops.
+        threads: 1,
         grace_period_seconds: Some(config.shutdown_grace.as_secs()),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-
-    let proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
-    let app = WithHeadDeadline::new(
-        proxy,
-        config.header_timeout,
-        config.idle_timeout,
-        metrics.header_timeout_count.clone(),
-    );
-    let mut service = Service::new("taskgate gateway".to_string(), app);
-    service.set_connection_filter(Arc::new(CidrFilter::new(
-        config.allow_cidrs.clone(),
-        metrics.clone(),
-    )));
-    let listen = config.listen.to_string();
-    match (&config.listen, &tls) {
-        (Addr::Unix(path), _) => service.add_listener(
-            ListenerConfig::uds(path.to_string_lossy().into_owned()).l4_buffer(l4_buffers()),
-        ),
-        (Addr::Tcp(_), Some(material)) => {
-            let mut settings =
-                TlsSettings::intermediate("", "").map_err(|e| GatewayError::Bind {
-                    addr: listen.clone(),
-                    reason: e.to_string(),
-                })?;
-            settings.set_cert_resolver(material.resolver.clone());
-            if let Some(v) = &material.verifier {
-                settings.set_client_cert_verifier(v.clone());
-            }
-            service.add_listener(
-                ListenerConfig::tcp(listen.clone())
-                    .tls(settings)
-                    .l4_buffer(l4_buffers()),
-            );
-        }
-        (Addr::Tcp(_), None) => {
-            service.add_listener(ListenerConfig::tcp(listen.clone()).l4_buffer(l4_buffers()))
-        }
-    }
-    server.add_service(service);
+    server.add_service(Frontend::new(bound, shared, config.threads));
 
     let token_file = match (&config.auth, &tokens) {
         (AuthSource::File(path), Some(set)) => Some((path.clone(), set.clone())),
@@ -227,29 +219,13 @@ pub fn run(prepared: Prepared) -> Result<(), GatewayError> {
             token_file,
             metrics,
             poll: config.reload_poll,
-            listen: config.listen.clone(),
-            privdrop,
         },
     ));
 
-    tracing::info!(listen = %config.listen, upstream = %config.upstream, "gateway starting");
+    tracing::info!(listen = %config.listen, upstream = %config.upstream, threads = config.threads, "gateway starting");
     server.run(RunArgs::default());
     tracing::info!("gateway stopped");
     Ok(())
-}
-
-/// The buffers pingora puts under each downstream connection (under TLS when it is on).
-///
-/// pingora's defaults are a 64 KiB read buffer, allocated zeroed at the handshake and kept
-/// for the connection's life, and a 1,460-byte write buffer. The read buffer saves nothing
-/// for requests that are a few hundred bytes (one `recv` either way; rustls reads whole
-/// records into its own buffer), but it was two thirds of an idle keep-alive connection's
-/// memory. The write buffer is smaller than one TLS record, so a response's header record
-/// was sent on its own and its body record in a second syscall (two wake-ups of the
-/// client per response); 17 KiB holds a full record plus a header record, so a small
-/// response leaves in one write at pingora's flush.
-fn l4_buffers() -> L4BufferSettings {
-    L4BufferSettings::new(0, 17 * 1024)
 }
 
 fn warn_about(config: &Config, tokens: &proxy::Tokens) {
@@ -273,17 +249,5 @@ fn warn_about(config: &Config, tokens: &proxy::Tokens) {
         );
     } else {
         tracing::info!(allow_cidrs = ?config.allow_cidrs.nets().iter().map(|n| n.to_string()).collect::<Vec<_>>(), "CIDR allow-list in force");
-    }
-}
-
-/// pingora panics when it cannot bind; find out first, with an error an operator reads.
-fn preflight_bind(addr: &Addr) -> Result<(), GatewayError> {
-    let err = |e: std::io::Error| GatewayError::Bind {
-        addr: addr.to_string(),
-        reason: e.to_string(),
-    };
-    match addr {
-        Addr::Tcp(sa) => std::net::TcpListener::bind(sa).map(drop).map_err(err),
-        Addr::Unix(_) => Ok(()),
     }
 }

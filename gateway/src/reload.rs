@@ -8,8 +8,8 @@
 //! calls per interval. A reload that fails keeps the old material and logs why; the next
 //! change (or SIGHUP) tries again.
 //!
-//! The same background service also performs the privilege drop, because it is the one
-//! place that runs after pingora has started binding.
+//! The same background service tells systemd the gateway is ready (the listener is bound
+//! and privileges are dropped before pingora starts any service) and feeds its watchdog.
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -24,7 +24,7 @@ use pingora::{server::ShutdownWatch, services::background::BackgroundService};
 use taskgate_shared::tokens::TokenSet;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::{metrics::Metrics, privdrop::PrivDrop, tls::TlsMaterial};
+use crate::{metrics::Metrics, tls::TlsMaterial};
 
 /// What the reloader looks after.
 pub struct Reloader {
@@ -36,10 +36,6 @@ pub struct Reloader {
     pub metrics: Arc<Metrics>,
     /// Poll interval.
     pub poll: Duration,
-    /// The gateway's listener (readiness waits for it).
-    pub listen: taskgate_shared::listen::Addr,
-    /// Privilege drop to perform once bound.
-    pub privdrop: Option<PrivDrop>,
 }
 
 type Stamp = Option<(SystemTime, u64, u64)>;
@@ -108,20 +104,10 @@ impl BackgroundService for Reloader {
                 None
             }
         };
-        // Snapshot the files now too: an edit made while we wait below must still count
-        // as a change.
         let files = self.files();
         let mut seen = self.stamps(&files);
-        if let Some(p) = &self.privdrop {
-            if let Err(e) = p.apply_after_bind().await {
-                tracing::error!(error = %e, "cannot drop privileges; exiting rather than serving as root");
-                std::process::exit(1);
-            }
-        } else if let Err(e) = crate::privdrop::wait_listening(&self.listen).await {
-            tracing::warn!(error = %e, "listener not seen; telling systemd we are ready anyway");
-        }
-        // Type=notify: ready once the listener is bound and privileges are dropped. Both
-        // calls are no-ops outside systemd.
+        // Type=notify: the listener was bound and privileges dropped before pingora
+        // started this service. Both calls are no-ops outside systemd.
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         let mut usec = 0;
         let watchdog = sd_notify::watchdog_enabled(false, &mut usec) && usec > 0;

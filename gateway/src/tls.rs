@@ -2,9 +2,9 @@
 //! and key (through a [`ResolvesServerCert`] that reads an [`ArcSwap`]) and the client CA
 //! (through a [`ClientCertVerifier`] that does the same), plus the client-SAN allow-list.
 //!
-//! pingora builds its rustls `ServerConfig` once, at start-up; reloading by rebuilding it
-//! would need a restart. Handing it a resolver and a verifier that look the current
-//! material up on every handshake makes a reload one atomic pointer swap: handshakes in
+//! The listener's rustls `ServerConfig` ([`server_config`]) is built once, at start-up.
+//! Giving it a resolver and a verifier that look the current material up on every
+//! handshake makes a reload one atomic pointer swap: handshakes in
 //! flight finish with the material they started with, later ones get the new one, and no
 //! connection is dropped.
 
@@ -56,9 +56,46 @@ fn file_err(key: &'static str, path: &Path, reason: impl fmt::Display) -> TlsErr
     }
 }
 
-/// The crypto provider used everywhere (pingora's rustls build uses *ring*).
+/// The crypto provider used everywhere: *ring*, with its AEAD suites ordered so the
+/// server picks AES-128-GCM, then AES-256-GCM, then ChaCha20-Poly1305, in each TLS
+/// version. AES-128-GCM is as strong as needed here and the cheapest per byte on CPUs
+/// with AES-NI; clients without AES-NI usually list ChaCha20 first and still get it
+/// when they offer nothing else.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
+}
+
+/// The listener's rustls configuration: TLS 1.2 and 1.3 only, the server's suite order
+/// (not the client's), HTTP/1.1 by ALPN, and the swappable certificate and client
+/// verifier of `material`, so a reload never rebuilds it.
+pub fn server_config(material: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| TlsError::Rejected {
+            key: "--tls-cert",
+            reason: e.to_string(),
+        })?;
+    let builder = match &material.verifier {
+        Some(v) => builder.with_client_cert_verifier(v.clone()),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(material.resolver.clone());
+    config.ignore_client_order = true;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Loads a certificate chain and its private key, and checks that they belong together.
@@ -224,9 +261,9 @@ impl ClientCertVerifier for ReloadingVerifier {
 #[derive(Debug)]
 pub struct TlsMaterial {
     paths: TlsPaths,
-    /// The server certificate resolver handed to pingora.
+    /// The server certificate resolver the listener's configuration reads.
     pub resolver: Arc<CertResolver>,
-    /// The client verifier handed to pingora, when mTLS is on.
+    /// The client verifier the listener's configuration reads, when mTLS is on.
     pub verifier: Option<Arc<ReloadingVerifier>>,
 }
 

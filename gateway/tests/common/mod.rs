@@ -45,7 +45,12 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(dir: &Path) -> Upstream {
-        let socket = dir.join("worker.sock");
+        Self::start_at(&dir.join("worker.sock")).await
+    }
+
+    /// The test upstream on the socket `path`.
+    pub async fn start_at(path: &Path) -> Upstream {
+        let socket = path.to_path_buf();
         let listener = UnixListener::bind(&socket).expect("bind upstream");
         let up = Upstream {
             socket,

@@ -1,0 +1,365 @@
+//! The worker side: one upstream HTTP/1 connection per downstream connection, opened on
+//! the first proxied request and reused while it stays fresh.
+//!
+//! Pairing follows from HTTP/1: a downstream connection carries one request at a time, so
+//! it never needs a second upstream connection, and no pool (no lock, no channel, no
+//! hand-over between threads) sits on the hot path. An upstream connection idle for
+//! longer than [`MAX_REUSE_IDLE`] is not reused, because the worker closes idle
+//! keep-alive connections after 5 s and a request sent into that close would fail. A
+//! request that a closed connection never took is sent again on a fresh one.
+//!
+//! Timeouts: connecting is bounded by `--upstream-connect-timeout`; once connected, no
+//! byte from the worker for `--upstream-read-timeout` (while a request is outstanding or
+//! not) ends the connection, and a request waiting on it fails with 504.
+
+use std::{
+    future::Future,
+    io,
+    path::PathBuf,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use hyper::{
+    body::Incoming,
+    client::conn::http1::{self, SendRequest},
+    Request, Response,
+};
+use hyper_util::rt::TokioIo;
+use taskgate_shared::listen::Addr;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpStream, UnixStream},
+    time::{Instant, Sleep},
+};
+
+/// An upstream connection idle for longer than this is replaced rather than reused (the
+/// worker closes idle keep-alive connections after 5 s).
+pub const MAX_REUSE_IDLE: Duration = Duration::from_secs(2);
+
+/// Why a request could not be proxied.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The worker could not be reached in time.
+    #[error("connecting to the upstream: {0}")]
+    Connect(io::Error),
+    /// The worker accepted but did not answer in time.
+    #[error("the upstream sent nothing within the read timeout")]
+    Timeout,
+    /// The exchange failed.
+    #[error("upstream request failed: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+impl UpstreamError {
+    /// The status a client gets: 504 for a timeout, 502 otherwise.
+    pub fn status(&self) -> u16 {
+        match self {
+            UpstreamError::Timeout => 504,
+            UpstreamError::Connect(e) if e.kind() == io::ErrorKind::TimedOut => 504,
+            _ => 502,
+        }
+    }
+}
+
+/// Where and how to reach the worker; shared by every connection.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    target: Target,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+impl Upstream {
+    /// The upstream at `addr` with its timeouts.
+    pub fn new(addr: &Addr, connect_timeout: Duration, read_timeout: Duration) -> Self {
+        let target = match addr {
+            Addr::Unix(p) => Target::Unix(p.clone()),
+            Addr::Tcp(sa) => Target::Tcp(*sa),
+        };
+        Upstream {
+            target,
+            connect_timeout,
+            read_timeout,
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+        let io = tokio::time::timeout(self.connect_timeout, async {
+            Ok::<_, io::Error>(match &self.target {
+                Target::Unix(path) => Io::Unix(UnixStream::connect(path).await?),
+                Target::Tcp(sa) => {
+                    let tcp = TcpStream::connect(sa).await?;
+                    tcp.set_nodelay(true)?;
+                    Io::Tcp(tcp)
+                }
+            })
+        })
+        .await
+        .map_err(|_| {
+            UpstreamError::Connect(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no connection within {:?}", self.connect_timeout),
+            ))
+        })?
+        .map_err(UpstreamError::Connect)?;
+        let io = ReadBound::new(io, self.read_timeout);
+        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+        // The connection's own task: it ends when the worker closes, the read bound
+        // passes, or the downstream connection (holding the sender) goes away.
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+}
+
+/// One downstream connection's upstream connection.
+#[derive(Default)]
+pub struct Paired {
+    conn: Option<(SendRequest<Incoming>, Instant)>,
+}
+
+impl Paired {
+    /// Sends `req` to the worker and returns its response head (the body streams).
+    pub async fn send(
+        &mut self,
+        upstream: &Upstream,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        // At most one retry: a reused connection may have been closed by the worker
+        // between requests; hyper hands back a request it never sent.
+        for _ in 0..2 {
+            let mut sender = match self.conn.take() {
+                Some((s, used)) if !s.is_closed() && used.elapsed() < MAX_REUSE_IDLE => s,
+                _ => upstream.connect().await?,
+            };
+            if sender.ready().await.is_err() {
+                sender = upstream.connect().await?;
+                sender.ready().await?;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.conn = Some((sender, Instant::now()));
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(classify(e.into_error())),
+                },
+            }
+        }
+        Err(UpstreamError::Connect(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "the upstream closed two connections before taking the request",
+        )))
+    }
+}
+
+fn classify(e: hyper::Error) -> UpstreamError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::TimedOut {
+                return UpstreamError::Timeout;
+            }
+        }
+        source = s.source();
+    }
+    UpstreamError::Http(e)
+}
+
+/// A Unix or TCP upstream stream.
+enum Io {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Unix(s) => Pin::new(s).poll_flush(cx),
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The read timeout: no byte from the worker for `limit` fails the read, which ends the
+/// connection. The timer is re-armed lazily (only when it fires), so a read costs a
+/// clock read and no timer operation.
+struct ReadBound<S> {
+    inner: S,
+    limit: Duration,
+    last: Instant,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl<S> ReadBound<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        let now = Instant::now();
+        ReadBound {
+            inner,
+            limit,
+            last: now,
+            sleep: Box::pin(tokio::time::sleep_until(now + limit)),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadBound<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.last = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => loop {
+                if this.sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let due = this.last + this.limit;
+                if due <= Instant::now() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "upstream read timeout",
+                    )));
+                }
+                this.sleep.as_mut().reset(due);
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadBound<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            if n > 0 {
+                // A request went out: the worker's time to answer starts now.
+                this.last = Instant::now();
+            }
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = res {
+            if n > 0 {
+                this.last = Instant::now();
+            }
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_from_the_worker_fails_the_read_and_each_byte_restarts_the_clock() {
+        let (mut worker, gateway_side) = tokio::io::duplex(1024);
+        let mut io = ReadBound::new(gateway_side, Duration::from_secs(5));
+        let feeder = tokio::spawn(async move {
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                worker.write_all(b"x").await.unwrap();
+            }
+            worker
+        });
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        for _ in 0..4 {
+            assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        }
+        let _worker = feeder.await.unwrap();
+        let err = io.read(&mut buf).await.expect_err("read bound");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed().as_secs(), 12 + 5);
+    }
+}

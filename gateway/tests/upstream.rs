@@ -1,0 +1,117 @@
+//! The worker side of the gateway: what a client sees when the worker is down, comes
+//! back, or closes a kept-alive connection between requests.
+
+mod common;
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use common::*;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+};
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_worker_that_is_down_gets_502_and_the_gateway_recovers_when_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("absent.sock");
+    let args: Vec<String> = [
+        "--upstream",
+        &format!("unix:{}", socket.display()),
+        "--insecure-plaintext",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
+
+    let mut conn = Client::plain().connect(gw.addr).await.unwrap();
+    let (status, body) = send(&mut conn, "/metrics", Some(TOKEN_A)).await.unwrap();
+    assert_eq!(status, 502);
+    assert!(body.contains("worker could not be reached"), "{body}");
+    // The client's connection survives the upstream failure.
+    let (status, text) = send(&mut conn, "/gateway/metrics", Some(TOKEN_A))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(metric(&text, "taskgate_gateway_upstream_errors_total"), 1);
+
+    // The worker comes up at that path: the same client connection is served.
+    let up = Upstream::start_at(&socket).await;
+    let (status, _) = send(&mut conn, "/metrics", Some(TOKEN_A)).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(up.calls(), 1);
+}
+
+/// A worker that answers one request per connection and then closes it without saying
+/// so (no `Connection: close`), as a worker does when its idle bound passes.
+async fn closing_worker(listener: UnixListener, accepted: Arc<AtomicUsize>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        accepted.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let mut rd = BufReader::new(stream);
+            let mut line = String::new();
+            while rd.read_line(&mut line).await.unwrap_or(0) > 0 {
+                if line == "\r\n" {
+                    break;
+                }
+                line.clear();
+            }
+            let _ = rd
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                .await;
+            // Closed shortly after answering.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_worker_closing_a_kept_alive_connection_costs_the_client_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("worker.sock");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(closing_worker(
+        UnixListener::bind(&socket).unwrap(),
+        accepted.clone(),
+    ));
+    let args: Vec<String> = [
+        "--upstream",
+        &format!("unix:{}", socket.display()),
+        "--insecure-plaintext",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
+
+    let mut conn = Client::plain().connect(gw.addr).await.unwrap();
+    for i in 0..5 {
+        let (status, body) = send(&mut conn, "/metrics", Some(TOKEN_A)).await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "ok\n"), "request {i}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        5,
+        "one worker connection per request"
+    );
+}
