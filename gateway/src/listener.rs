@@ -10,7 +10,8 @@
 //! reached theirs (`docs/gateway.md`, "Where pingora is the ceiling"). So the gateway runs
 //! `--threads` current-thread runtimes. One accept loop (on the first) checks the CIDR
 //! allow-list and hands each connection, round robin, to a loop where it stays for its
-//! whole life: handshake, requests, and its paired upstream connection.
+//! whole life: handshake, requests, and the worker connections its requests borrow from
+//! that loop's pool.
 //!
 //! One listening socket is shared rather than one `SO_REUSEPORT` socket per loop, so a
 //! second gateway started on the same port fails with "address in use" instead of
@@ -24,7 +25,7 @@ use std::{
     io,
     net::SocketAddr,
     os::unix::fs::FileTypeExt,
-    sync::{atomic::AtomicU64, Arc, Mutex},
+    sync::{atomic::AtomicU64, Arc},
     time::Duration,
 };
 
@@ -46,7 +47,6 @@ use crate::{
     deadline::{Deadlines, Limits},
     filter::CidrFilter,
     proxy::Gateway,
-    upstream::Paired,
 };
 
 /// Largest request head accepted (hyper answers 431 beyond it).
@@ -358,18 +358,9 @@ async fn serve_http<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = Deadlines::new(io, shared.limits, shared.header_cut.clone());
-    // HTTP/1 serves one request at a time, so the paired upstream connection is never
-    // contended; the mutex only satisfies `service_fn`'s shared borrow.
-    let conn_state = Arc::new((shared, Mutex::new(Paired::default())));
     let service = service_fn(move |req: Request<Incoming>| {
-        let state = conn_state.clone();
-        async move {
-            let (shared, slot) = &*state;
-            let mut paired = std::mem::take(&mut *slot.lock().unwrap_or_else(|e| e.into_inner()));
-            let resp = shared.gateway.handle(remote, &mut paired, req).await;
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = paired;
-            Ok::<_, std::convert::Infallible>(resp)
-        }
+        let shared = shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(shared.gateway.handle(remote, req).await) }
     });
     let conn = http1::Builder::new()
         .max_buf_size(MAX_HEAD)

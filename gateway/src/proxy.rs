@@ -27,11 +27,11 @@ use crate::{
     config::{Config, GATEWAY_METRICS_PATH},
     limiter::{host_key, Limiter, Verdict},
     metrics::Metrics,
-    upstream::{Paired, Upstream},
+    upstream::{PooledBody, Upstream},
 };
 
 /// A response body: the worker's, streamed, or one of ours.
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<PooledBody, Full<Bytes>>;
 
 /// The tokens in force, swapped on reload; `None` is `--no-auth`.
 pub type Tokens = Option<Arc<ArcSwap<TokenSet>>>;
@@ -85,12 +85,10 @@ impl Gateway {
         &self.metrics
     }
 
-    /// Answers one request from `remote` (`None` on a Unix listener); `paired` is the
-    /// connection's upstream connection.
+    /// Answers one request from `remote` (`None` on a Unix listener).
     pub async fn handle(
         &self,
         remote: Option<SocketAddr>,
-        paired: &mut Paired,
         mut req: Request<Incoming>,
     ) -> Response<Body> {
         let key = remote.map(|a| host_key(a.ip()));
@@ -168,7 +166,7 @@ impl Gateway {
                 *req.uri_mut() = pq.into();
             }
         }
-        match paired.send(&self.upstream, req).await {
+        match self.upstream.send(req).await {
             Ok(resp) => {
                 self.metrics.proxied.inc();
                 let mut resp = resp.map(Either::Left);

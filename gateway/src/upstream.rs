@@ -1,18 +1,23 @@
-//! The worker side: one upstream HTTP/1 connection per downstream connection, opened on
-//! the first proxied request and reused while it stays fresh.
+//! The worker side: a small pool of HTTP/1 connections to the worker per event loop.
 //!
-//! Pairing follows from HTTP/1: a downstream connection carries one request at a time, so
-//! it never needs a second upstream connection, and no pool (no lock, no channel, no
-//! hand-over between threads) sits on the hot path. An upstream connection idle for
-//! longer than [`MAX_REUSE_IDLE`] is not reused, because the worker closes idle
-//! keep-alive connections after 5 s and a request sent into that close would fail. A
-//! request that a closed connection never took is sent again on a fresh one.
+//! A request takes an idle connection from its loop's pool (or opens one), and its
+//! response body gives the connection back once the client has received all of it. So
+//! only requests in flight hold a worker connection: an idle client connection holds
+//! none, and a loop keeps at most [`MAX_IDLE_PER_LOOP`] idle ones. The pool is
+//! thread-local: each loop is one thread, so taking and returning a connection needs no
+//! lock and never moves a connection between threads.
+//!
+//! A connection idle for [`MAX_REUSE_IDLE`] or longer is not reused, because the worker
+//! closes idle keep-alive connections after 5 s and a request sent into that close would
+//! fail; a request that a closed connection never took is sent again on a fresh one.
 //!
 //! Timeouts: connecting is bounded by `--upstream-connect-timeout`; once connected, no
-//! byte from the worker for `--upstream-read-timeout` (while a request is outstanding or
-//! not) ends the connection, and a request waiting on it fails with 504.
+//! byte from the worker for `--upstream-read-timeout` ends the connection, and a request
+//! waiting on it fails with 504.
 
 use std::{
+    cell::RefCell,
+    collections::VecDeque,
     future::Future,
     io,
     path::PathBuf,
@@ -21,8 +26,9 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use hyper::{
-    body::Incoming,
+    body::{Body, Frame, Incoming, SizeHint},
     client::conn::http1::{self, SendRequest},
     Request, Response,
 };
@@ -34,9 +40,49 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-/// An upstream connection idle for longer than this is replaced rather than reused (the
-/// worker closes idle keep-alive connections after 5 s).
+/// An upstream connection idle for this long is closed rather than reused (the worker
+/// closes idle keep-alive connections after 5 s).
 pub const MAX_REUSE_IDLE: Duration = Duration::from_secs(2);
+
+/// Most idle worker connections one event loop keeps.
+pub const MAX_IDLE_PER_LOOP: usize = 64;
+
+thread_local! {
+    /// This loop's idle worker connections, most recently used last.
+    static IDLE: RefCell<VecDeque<(SendRequest<Incoming>, Instant)>> = const { RefCell::new(VecDeque::new()) };
+}
+
+/// The most recently used idle connection that is still fresh.
+fn take_idle() -> Option<SendRequest<Incoming>> {
+    IDLE.try_with(|idle| {
+        let mut idle = idle.borrow_mut();
+        while let Some((sender, since)) = idle.pop_back() {
+            if !sender.is_closed() && since.elapsed() < MAX_REUSE_IDLE {
+                return Some(sender);
+            }
+        }
+        None
+    })
+    .ok()
+    .flatten()
+}
+
+/// Returns a connection whose exchange is complete; stale ones at the old end go.
+fn put_idle(sender: SendRequest<Incoming>) {
+    let _ = IDLE.try_with(|idle| {
+        let mut idle = idle.borrow_mut();
+        while idle
+            .front()
+            .is_some_and(|(s, since)| s.is_closed() || since.elapsed() >= MAX_REUSE_IDLE)
+        {
+            idle.pop_front();
+        }
+        if idle.len() >= MAX_IDLE_PER_LOOP {
+            idle.pop_front();
+        }
+        idle.push_back((sender, Instant::now()));
+    });
+}
 
 /// Why a request could not be proxied.
 #[derive(Debug, thiserror::Error)]
@@ -112,43 +158,37 @@ impl Upstream {
         .map_err(UpstreamError::Connect)?;
         let io = ReadBound::new(io, self.read_timeout);
         let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
-        // The connection's own task: it ends when the worker closes, the read bound
-        // passes, or the downstream connection (holding the sender) goes away.
+        // The connection's own task, on this loop: it ends when the worker closes, the
+        // read bound passes, or every handle to it (pool entry, response body) is gone.
         tokio::spawn(async move {
             let _ = conn.await;
         });
         Ok(sender)
     }
-}
 
-/// One downstream connection's upstream connection.
-#[derive(Default)]
-pub struct Paired {
-    conn: Option<(SendRequest<Incoming>, Instant)>,
-}
-
-impl Paired {
-    /// Sends `req` to the worker and returns its response head (the body streams).
+    /// Sends `req` to the worker and returns its response; the body streams, and gives
+    /// the connection back to this loop's pool once it has been read to the end.
     pub async fn send(
-        &mut self,
-        upstream: &Upstream,
+        &self,
         mut req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        // At most one retry: a reused connection may have been closed by the worker
-        // between requests; hyper hands back a request it never sent.
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        // At most one retry: a pooled connection may have been closed by the worker since
+        // it was used; hyper hands back a request it never sent.
         for _ in 0..2 {
-            let mut sender = match self.conn.take() {
-                Some((s, used)) if !s.is_closed() && used.elapsed() < MAX_REUSE_IDLE => s,
-                _ => upstream.connect().await?,
+            let mut sender = match take_idle() {
+                Some(s) => s,
+                None => self.connect().await?,
             };
             if sender.ready().await.is_err() {
-                sender = upstream.connect().await?;
+                sender = self.connect().await?;
                 sender.ready().await?;
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.conn = Some((sender, Instant::now()));
-                    return Ok(resp);
+                    return Ok(resp.map(|inner| PooledBody {
+                        inner,
+                        sender: Some(sender),
+                    }))
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
@@ -160,6 +200,44 @@ impl Paired {
             io::ErrorKind::ConnectionReset,
             "the upstream closed two connections before taking the request",
         )))
+    }
+}
+
+/// A worker response body that holds its connection: read to the end, the connection
+/// goes back to the pool when the body is dropped; dropped early (the client went away
+/// mid-body), the connection is closed, since unread bytes are still on it.
+pub struct PooledBody {
+    inner: Incoming,
+    sender: Option<SendRequest<Incoming>>,
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            if self.inner.is_end_stream() {
+                put_idle(sender);
+            }
+        }
     }
 }
 

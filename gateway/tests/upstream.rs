@@ -115,3 +115,70 @@ async fn a_worker_closing_a_kept_alive_connection_costs_the_client_nothing() {
         "one worker connection per request"
     );
 }
+
+/// A worker that keeps connections alive and answers every request on them.
+async fn keepalive_worker(listener: UnixListener, accepted: Arc<AtomicUsize>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        accepted.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let mut rd = BufReader::new(stream);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                if line != "\r\n" {
+                    continue;
+                }
+                if rd
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn client_connections_share_pooled_worker_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("worker.sock");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(keepalive_worker(
+        UnixListener::bind(&socket).unwrap(),
+        accepted.clone(),
+    ));
+    let args: Vec<String> = [
+        "--upstream",
+        &format!("unix:{}", socket.display()),
+        "--insecure-plaintext",
+        "--threads",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
+
+    // Three client connections, one request at a time: one worker connection serves
+    // them all, and none is held by a client connection between its requests.
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(Client::plain().connect(gw.addr).await.unwrap());
+    }
+    for round in 0..3 {
+        for conn in conns.iter_mut() {
+            let (status, body) = send(conn, "/metrics", Some(TOKEN_A)).await.unwrap();
+            assert_eq!((status, body.as_str()), (200, "ok\n"), "round {round}");
+        }
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
