@@ -16,7 +16,6 @@ use std::{
 
 use common::*;
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
-use taskgate_test_support::eventually::eventually;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
