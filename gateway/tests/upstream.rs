@@ -4,6 +4,7 @@
 mod common;
 
 use std::{
+    path::Path,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -29,14 +30,7 @@ fn metric(text: &str, name: &str) -> u64 {
 async fn a_worker_that_is_down_gets_502_and_the_gateway_recovers_when_it_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("absent.sock");
-    let args: Vec<String> = [
-        "--upstream",
-        &format!("unix:{}", socket.display()),
-        "--insecure-plaintext",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = args_for(&socket, &[]);
     let gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
 
     let mut conn = Client::plain().connect(gw.addr).await.unwrap();
@@ -57,29 +51,45 @@ async fn a_worker_that_is_down_gets_502_and_the_gateway_recovers_when_it_is_back
     assert_eq!(up.calls(), 1);
 }
 
-/// A worker that answers one request per connection and then closes it without saying
-/// so (no `Connection: close`), as a worker does when its idle bound passes.
-async fn closing_worker(listener: UnixListener, accepted: Arc<AtomicUsize>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            return;
-        };
+/// A plain-HTTP gateway in front of the worker socket `socket`.
+fn args_for(socket: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--upstream".to_string(),
+        format!("unix:{}", socket.display()),
+        "--insecure-plaintext".to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// A worker on `listener` that counts its connections and answers `ok` to every request.
+/// With `keep_alive` false it closes each connection shortly after its first answer,
+/// without saying so (no `Connection: close`), as a worker does when its idle bound
+/// passes.
+async fn fake_worker(listener: UnixListener, accepted: Arc<AtomicUsize>, keep_alive: bool) {
+    while let Ok((stream, _)) = listener.accept().await {
         accepted.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             let mut rd = BufReader::new(stream);
             let mut line = String::new();
-            while rd.read_line(&mut line).await.unwrap_or(0) > 0 {
-                if line == "\r\n" {
-                    break;
-                }
+            loop {
                 line.clear();
+                if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                if line != "\r\n" {
+                    continue;
+                }
+                let answered = rd
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                    .await
+                    .is_ok();
+                if !answered || !keep_alive {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return;
+                }
             }
-            let _ = rd
-                .get_mut()
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
-                .await;
-            // Closed shortly after answering.
-            tokio::time::sleep(Duration::from_millis(50)).await;
         });
     }
 }
@@ -89,18 +99,12 @@ async fn a_worker_closing_a_kept_alive_connection_costs_the_client_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("worker.sock");
     let accepted = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(closing_worker(
+    tokio::spawn(fake_worker(
         UnixListener::bind(&socket).unwrap(),
         accepted.clone(),
+        false,
     ));
-    let args: Vec<String> = [
-        "--upstream",
-        &format!("unix:{}", socket.display()),
-        "--insecure-plaintext",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = args_for(&socket, &[]);
     let gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
 
     let mut conn = Client::plain().connect(gw.addr).await.unwrap();
@@ -116,56 +120,17 @@ async fn a_worker_closing_a_kept_alive_connection_costs_the_client_nothing() {
     );
 }
 
-/// A worker that keeps connections alive and answers every request on them.
-async fn keepalive_worker(listener: UnixListener, accepted: Arc<AtomicUsize>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            return;
-        };
-        accepted.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
-            let mut rd = BufReader::new(stream);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                if line != "\r\n" {
-                    continue;
-                }
-                if rd
-                    .get_mut()
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
-    }
-}
-
 #[tokio::test]
 async fn client_connections_share_pooled_worker_connections() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("worker.sock");
     let accepted = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(keepalive_worker(
+    tokio::spawn(fake_worker(
         UnixListener::bind(&socket).unwrap(),
         accepted.clone(),
+        true,
     ));
-    let args: Vec<String> = [
-        "--upstream",
-        &format!("unix:{}", socket.display()),
-        "--insecure-plaintext",
-        "--threads",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = args_for(&socket, &["--threads", "1"]);
     let gw = Gateway::start(&args, &[("METRICS_AUTH_TOKEN", TOKEN_A)]).await;
 
     // Three client connections, one request at a time: one worker connection serves
