@@ -15,7 +15,7 @@ use std::{net::SocketAddr, sync::Arc};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{
-    header::{self, HeaderName, HeaderValue},
+    header::{self, HeaderMap, HeaderName, HeaderValue},
     Request, Response, StatusCode, Version,
 };
 use http_body_util::{Either, Full};
@@ -42,18 +42,29 @@ const BODY_429: &[u8] = b"too many unauthorized requests\n";
 const BODY_502: &[u8] = b"bad gateway: the worker could not be reached\n";
 const BODY_504: &[u8] = b"gateway timeout: the worker did not answer in time\n";
 
-/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the
-/// credentials the worker must never see.
-const NOT_FORWARDED: [HeaderName; 8] = [
-    header::AUTHORIZATION,
-    header::PROXY_AUTHORIZATION,
-    header::CONNECTION,
+/// Headers that describe one hop, never forwarded in either direction (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 6] = [
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
     header::TRAILER,
     header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
 ];
+
+/// Removes the hop-by-hop headers, including those that `Connection` names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.remove(header::CONNECTION) {
+        if let Ok(names) = connection.to_str() {
+            for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
 
 /// State shared by every request on every event loop.
 pub struct Gateway {
@@ -155,9 +166,9 @@ impl Gateway {
         // 5. Proxy. The worker has no authentication of its own and must never see a
         // credential; hop-by-hop headers stay on this hop.
         let headers = req.headers_mut();
-        for name in &NOT_FORWARDED {
-            headers.remove(name);
-        }
+        headers.remove(header::AUTHORIZATION);
+        headers.remove(header::PROXY_AUTHORIZATION);
+        strip_hop_by_hop(headers);
         // The upstream connection is kept alive whatever the client speaks.
         *req.version_mut() = Version::HTTP_11;
         if req.uri().authority().is_some() {
@@ -170,9 +181,7 @@ impl Gateway {
             Ok(resp) => {
                 self.metrics.proxied.inc();
                 let mut resp = resp.map(Either::Left);
-                let headers = resp.headers_mut();
-                headers.remove(header::CONNECTION);
-                headers.remove(HeaderName::from_static("keep-alive"));
+                strip_hop_by_hop(resp.headers_mut());
                 resp
             }
             Err(e) => {

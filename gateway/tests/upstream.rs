@@ -147,3 +147,34 @@ async fn client_connections_share_pooled_worker_connections() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn hop_by_hop_headers_and_credentials_stay_on_the_client_hop() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream::start(dir.path()).await;
+    let gw = Gateway::start(
+        &plaintext_args(&up, &[]),
+        &[("METRICS_AUTH_TOKEN", TOKEN_A)],
+    )
+    .await;
+    let mut tcp = Client::plain().tcp(gw.addr).await.unwrap();
+    let req = format!(
+        "GET /metrics HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN_A}\r\n\
+         connection: keep-alive, x-hop-secret\r\nx-hop-secret: 1\r\nkeep-alive: timeout=5\r\n\
+         proxy-authorization: Basic Zm9vOmJhcg==\r\nx-end-to-end: kept\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let head = up
+        .heads()
+        .pop()
+        .expect("the upstream saw the request")
+        .to_lowercase();
+    assert!(head.contains("x-end-to-end: kept"), "{head}");
+    for gone in ["authorization", "x-hop-secret", "keep-alive", "connection"] {
+        assert!(!head.contains(gone), "{gone} reached the worker: {head}");
+    }
+}
