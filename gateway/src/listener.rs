@@ -205,10 +205,7 @@ fn run_loops(
     };
     let first = handles[0].clone();
     first.spawn(async move {
-        match listener {
-            Listener::Tcp(l) => accept_tcp(l, handles, shared, &tracker, shutdown).await,
-            Listener::Unix(l) => accept_unix(l, handles, shared, &tracker, shutdown).await,
-        }
+        accept_loop(listener, handles, shared, &tracker, shutdown).await;
         // No new connections; the loops end when the tracked ones have drained.
         tracker.close();
     });
@@ -218,9 +215,25 @@ fn run_loops(
     Ok(())
 }
 
+/// The listening socket, registered with the first loop.
 enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
+}
+
+/// A connection just accepted, with its peer address for TCP.
+enum Accepted {
+    Tcp(TcpStream, SocketAddr),
+    Unix(UnixStream),
+}
+
+impl Listener {
+    async fn accept(&self) -> io::Result<Accepted> {
+        match self {
+            Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+        }
+    }
 }
 
 /// Resolves once shutdown is signalled; never, if the signal's sender is gone.
@@ -238,8 +251,11 @@ async fn accept_failed(e: &io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-async fn accept_tcp(
-    listener: TcpListener,
+/// Accepts until shutdown: drops sources outside the CIDR allow-list, then hands each
+/// connection, round robin, to a loop (the first loop keeps its own share without the
+/// move; a moved connection is deregistered here and registered there).
+async fn accept_loop(
+    listener: Listener,
     handles: Vec<Handle>,
     shared: Arc<Shared>,
     tracker: &TaskTracker,
@@ -247,77 +263,51 @@ async fn accept_tcp(
 ) {
     let mut next = 0usize;
     loop {
-        let (tcp, peer) = tokio::select! {
+        let accepted = tokio::select! {
             r = listener.accept() => match r {
-                Ok(pair) => pair,
+                Ok(a) => a,
                 Err(e) => { accept_failed(&e).await; continue; }
             },
             _ = wait_for(&mut shutdown) => return,
         };
-        if !shared.filter.should_accept(Some(&peer)) {
-            // Dropped here: closed before any TLS byte.
-            continue;
-        }
-        let _ = tcp.set_nodelay(true);
-        let target = next % handles.len();
+        let slot = next % handles.len();
         next = next.wrapping_add(1);
+        let (target, here) = (&handles[slot], slot == 0);
         let (shared, stop) = (shared.clone(), shutdown.clone());
-        if target == 0 {
-            tracker.spawn(serve_tcp(tcp, peer, shared, stop));
-        } else {
-            // Moved to its loop: deregistered here, registered there.
-            let std = match tcp.into_std() {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot hand a connection to its event loop");
+        match accepted {
+            Accepted::Tcp(tcp, peer) => {
+                if !shared.filter.should_accept(Some(&peer)) {
+                    // Dropped here: closed before any TLS byte.
                     continue;
                 }
-            };
-            tracker.spawn_on(
-                async move {
-                    if let Ok(tcp) = TcpStream::from_std(std) {
-                        serve_tcp(tcp, peer, shared, stop).await;
-                    }
-                },
-                &handles[target],
-            );
+                let _ = tcp.set_nodelay(true);
+                if here {
+                    tracker.spawn(serve_plain_or_tls(tcp, Some(peer), shared, stop));
+                    continue;
+                }
+                let Ok(std) = tcp.into_std() else { continue };
+                tracker.spawn_on(
+                    async move {
+                        if let Ok(tcp) = TcpStream::from_std(std) {
+                            serve_plain_or_tls(tcp, Some(peer), shared, stop).await;
+                        }
+                    },
+                    target,
+                );
+            }
+            Accepted::Unix(unix) => {
+                let Ok(std) = unix.into_std() else { continue };
+                tracker.spawn_on(
+                    async move {
+                        if let Ok(unix) = UnixStream::from_std(std) {
+                            serve_plain_or_tls(unix, None, shared, stop).await;
+                        }
+                    },
+                    target,
+                );
+            }
         }
     }
-}
-
-async fn accept_unix(
-    listener: UnixListener,
-    handles: Vec<Handle>,
-    shared: Arc<Shared>,
-    tracker: &TaskTracker,
-    mut shutdown: ShutdownWatch,
-) {
-    let mut next = 0usize;
-    loop {
-        let (unix, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(pair) => pair,
-                Err(e) => { accept_failed(&e).await; continue; }
-            },
-            _ = wait_for(&mut shutdown) => return,
-        };
-        let target = next % handles.len();
-        next = next.wrapping_add(1);
-        let (shared, stop) = (shared.clone(), shutdown.clone());
-        let Ok(std) = unix.into_std() else { continue };
-        tracker.spawn_on(
-            async move {
-                if let Ok(unix) = UnixStream::from_std(std) {
-                    serve_plain_or_tls(unix, None, shared, stop).await;
-                }
-            },
-            &handles[target],
-        );
-    }
-}
-
-async fn serve_tcp(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, stop: ShutdownWatch) {
-    serve_plain_or_tls(tcp, Some(peer), shared, stop).await
 }
 
 /// The TLS handshake (when TLS is on), bounded by the head deadline and audited when it

@@ -392,7 +392,9 @@ impl Client {
     }
 }
 
-async fn http1<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(io: S) -> Result<Conn, String> {
+pub async fn http1<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    io: S,
+) -> Result<Conn, String> {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("http handshake: {e}"))?;
