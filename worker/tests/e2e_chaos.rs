@@ -235,9 +235,14 @@ async fn a_socket_held_by_a_dying_process_is_taken_over() {
         },
     );
     assert_eq!((code, body.as_str()), (200, "{\"status\":\"ok\"}"));
-    assert!(
-        w.logs().contains("replacing a stale socket file"),
-        "{}",
-        w.logs()
+    // Log lines reach the pipe through the writer thread, a moment after the event.
+    eventually_blocking(
+        "the worker logs that it replaced the stale socket",
+        Duration::from_secs(5),
+        || {
+            w.logs()
+                .contains("replacing a stale socket file")
+                .then_some(())
+        },
     );
 }
