@@ -71,7 +71,7 @@ pub struct Deadlines<S> {
     after_lf: bool,
     /// When the current head must be complete.
     head_by: Instant,
-    /// The last time a byte was read or written outside a head.
+    /// The last time a byte was written (a read ends the idle wait at once).
     last_activity: Instant,
     sleep: Pin<Box<Sleep>>,
     cut: Arc<AtomicU64>,
@@ -170,14 +170,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Deadlines<S> {
         if let Poll::Ready(Ok(())) = res {
             let new = buf.filled().len() - before;
             if new > 0 {
-                let now = Instant::now();
-                this.last_activity = now;
+                // Bytes read always end an idle wait, so only writes need to stamp
+                // `last_activity`.
                 if this.phase == Phase::Idle {
                     // First byte of the next request: its head gets the full deadline, and
                     // the timer moves earlier than the idle bound it stood for.
                     this.phase = Phase::Head;
                     this.after_lf = false;
-                    this.head_by = now + this.limits.head;
+                    this.head_by = Instant::now() + this.limits.head;
                     let head_by = this.head_by;
                     this.sleep.as_mut().reset(head_by);
                 }

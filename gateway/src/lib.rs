@@ -194,7 +194,6 @@ pub fn run(prepared: Prepared) -> Result<(), GatewayError> {
             head: config.header_timeout,
             idle: config.idle_timeout,
         },
-        header_cut: metrics.header_timeout_count.clone(),
     };
 
     let conf = ServerConf {

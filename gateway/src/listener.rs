@@ -21,13 +21,7 @@
 //! the grace period, and the background reload service. [`Frontend`] is the pingora
 //! service that starts the loops and stops them on its shutdown signal.
 
-use std::{
-    io,
-    net::SocketAddr,
-    os::unix::fs::FileTypeExt,
-    sync::{atomic::AtomicU64, Arc},
-    time::Duration,
-};
+use std::{io, net::SocketAddr, os::unix::fs::FileTypeExt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request};
@@ -109,8 +103,6 @@ pub struct Shared {
     pub filter: CidrFilter,
     /// The head deadline and idle bound; the head deadline also bounds the TLS handshake.
     pub limits: Limits,
-    /// Connections cut by the head deadline.
-    pub header_cut: Arc<AtomicU64>,
 }
 
 /// pingora's service for the listener: starts `threads` event loops and the accept loop,
@@ -347,7 +339,11 @@ async fn serve_http<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = Deadlines::new(io, shared.limits, shared.header_cut.clone());
+    let io = Deadlines::new(
+        io,
+        shared.limits,
+        shared.gateway.metrics().header_timeout_count.clone(),
+    );
     let service = service_fn(move |req: Request<Incoming>| {
         let shared = shared.clone();
         async move { Ok::<_, std::convert::Infallible>(shared.gateway.handle(remote, req).await) }

@@ -39,6 +39,7 @@ use tokio::{
     net::{TcpStream, UnixStream},
     time::{Instant, Sleep},
 };
+use tokio_util::either::Either;
 
 /// An upstream connection idle for this long is closed rather than reused (the worker
 /// closes idle keep-alive connections after 5 s).
@@ -140,11 +141,11 @@ impl Upstream {
     async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
         let io = tokio::time::timeout(self.connect_timeout, async {
             Ok::<_, io::Error>(match &self.target {
-                Target::Unix(path) => Io::Unix(UnixStream::connect(path).await?),
+                Target::Unix(path) => Either::Left(UnixStream::connect(path).await?),
                 Target::Tcp(sa) => {
                     let tcp = TcpStream::connect(sa).await?;
                     tcp.set_nodelay(true)?;
-                    Io::Tcp(tcp)
+                    Either::Right(tcp)
                 }
             })
         })
@@ -252,67 +253,6 @@ fn classify(e: hyper::Error) -> UpstreamError {
         source = s.source();
     }
     UpstreamError::Http(e)
-}
-
-/// A Unix or TCP upstream stream.
-enum Io {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Unix(s) => Pin::new(s).poll_flush(cx),
-            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
 }
 
 /// The read timeout: no byte from the worker for `limit` fails the read, which ends the
