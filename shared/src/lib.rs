@@ -12,12 +12,14 @@
 //! - [`privdrop`]: the privilege drop after binding (groups, gid, uid, no_new_privs, check).
 //! - [`tokens`]: bearer-token sets loaded from files or values, compared in constant time.
 //! - [`telemetry`]: `tracing` set-up (JSON or human lines, rolling files) behind the redactor.
+//! - [`logwriter`]: the log writer threads and the per-thread line buffers they drain.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod cidr;
 pub mod config;
 pub mod listen;
+pub mod logwriter;
 pub mod privdrop;
 pub mod redact;
 pub mod telemetry;

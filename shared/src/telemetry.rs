@@ -7,20 +7,18 @@
 //! the line is redacted before it reaches a file descriptor.
 
 use std::{
+    cell::RefCell,
     io::{self, IsTerminal, Write},
     path::PathBuf,
     str::FromStr,
-    sync::{
-        mpsc::{self, SyncSender, TryRecvError},
-        OnceLock,
-    },
-    thread::JoinHandle,
-    time::{Duration, SystemTime},
+    sync::OnceLock,
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use tracing_appender::rolling;
 use tracing_subscriber::{fmt::MakeWriter, layer::SubscriberExt, EnvFilter, Layer, Registry};
 
+pub use crate::logwriter::{batch_writer, BatchGuard, BatchWriter, GATHER};
 use crate::redact::redact;
 
 /// How log lines are written.
@@ -195,103 +193,41 @@ pub fn json_timestamp() -> impl std::fmt::Display {
     humantime::format_rfc3339_micros(SystemTime::now())
 }
 
-/// How long the writer thread gathers lines after the first of a burst before it writes
-/// them: the bound on how long a line waits, and what turns a burst into one write(2).
-pub const GATHER: Duration = Duration::from_millis(1);
-
-/// The handle through which formatted lines reach a writer thread (see [`batch_writer`]).
-#[derive(Debug, Clone)]
-pub struct BatchWriter {
-    tx: SyncSender<Option<Vec<u8>>>,
-}
-
-impl Write for &BatchWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tx
-            .send(Some(buf.to_vec()))
-            .map_err(|_| io::Error::other("the log writer thread has stopped"))?;
-        Ok(buf.len())
+/// Appends now, as [`json_timestamp`] writes it, to `out`. The date and time up to the
+/// second are formatted once a second per thread; the microseconds are appended by hand.
+pub fn push_json_timestamp(out: &mut Vec<u8>) {
+    thread_local! {
+        /// (whole seconds since the epoch, "YYYY-MM-DDTHH:MM:SS." for them)
+        static SECOND: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
     }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for BatchWriter {
-    type Writer = &'a BatchWriter;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self
-    }
-}
-
-/// Stops the writer thread at drop, after it has written every line it was given.
-#[derive(Debug)]
-pub struct BatchGuard {
-    tx: SyncSender<Option<Vec<u8>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for BatchGuard {
-    fn drop(&mut self) {
-        let _ = self.tx.send(None);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    let now = SystemTime::now();
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let (secs, micros) = (since.as_secs(), since.subsec_micros());
+    let cached = SECOND.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.0 != secs {
+            s.1.clear();
+            // "2026-12-04T22:48:27.000000Z" without the last 8 bytes ("000000Z").
+            let full =
+                humantime::format_rfc3339_micros(UNIX_EPOCH + std::time::Duration::from_secs(secs))
+                    .to_string();
+            s.1.extend_from_slice(&full.as_bytes()[..full.len() - 7]);
+            s.0 = secs;
         }
+        out.extend_from_slice(&s.1);
+    });
+    if cached.is_err() {
+        let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
+        return;
     }
-}
-
-/// Starts a thread that writes the lines sent to the returned [`BatchWriter`] to `out`.
-///
-/// Lines are never dropped (a full queue of 64k lines makes the sender wait). When idle,
-/// the thread sleeps in `recv`; the first line of a burst wakes it, it waits [`GATHER`],
-/// then writes everything queued meanwhile in one buffered write, and goes on while lines
-/// keep coming. So under a flood of audit lines the producers rarely have to wake it and
-/// it makes about one write(2) per millisecond, and no line waits more than about a
-/// millisecond for the ones after it. (Writing as soon as the queue was momentarily empty
-/// meant a wake-up and a write(2) every few lines at 60k lines/s.)
-pub fn batch_writer<W: Write + Send + 'static>(
-    name: &str,
-    out: W,
-) -> io::Result<(BatchWriter, BatchGuard)> {
-    let (tx, rx) = mpsc::sync_channel::<Option<Vec<u8>>>(64 * 1024);
-    let thread = std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || {
-            let mut out = io::BufWriter::with_capacity(64 * 1024, out);
-            // Errors writing a log line have nowhere better to go; the line is lost,
-            // the next one is tried.
-            'idle: while let Ok(Some(line)) = rx.recv() {
-                let _ = out.write_all(&line);
-                loop {
-                    std::thread::sleep(GATHER);
-                    let mut taken = 0;
-                    loop {
-                        match rx.try_recv() {
-                            Ok(Some(line)) => {
-                                let _ = out.write_all(&line);
-                                taken += 1;
-                            }
-                            Ok(None) | Err(TryRecvError::Disconnected) => break 'idle,
-                            Err(TryRecvError::Empty) => break,
-                        }
-                    }
-                    let _ = out.flush();
-                    if taken == 0 {
-                        continue 'idle;
-                    }
-                }
-            }
-            let _ = out.flush();
-        })?;
-    Ok((
-        BatchWriter { tx: tx.clone() },
-        BatchGuard {
-            tx,
-            thread: Some(thread),
-        },
-    ))
+    let mut digits = [b'0'; 6];
+    let mut m = micros;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (m % 10) as u8;
+        m /= 10;
+    }
+    out.extend_from_slice(&digits);
+    out.push(b'Z');
 }
 
 /// A `MakeWriter` whose writers redact every line before passing it on.
@@ -339,6 +275,22 @@ mod tests {
         }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
+        }
+    }
+
+    #[test]
+    fn the_cached_timestamp_is_the_formatters() {
+        for _ in 0..3 {
+            let mut mine = Vec::new();
+            push_json_timestamp(&mut mine);
+            let theirs = json_timestamp().to_string();
+            let mine = String::from_utf8(mine).unwrap();
+            assert_eq!(mine.len(), theirs.len(), "{mine} vs {theirs}");
+            // Same second (or the next one, if the second turned in between).
+            assert!(theirs[..19] >= mine[..19], "{mine} vs {theirs}");
+            assert!(mine.ends_with('Z') && mine.as_bytes()[19] == b'.', "{mine}");
+            humantime::parse_rfc3339(&mine).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(400));
         }
     }
 
