@@ -94,16 +94,23 @@ impl<S> Deadlines<S> {
         }
     }
 
-    /// Scans newly read head bytes; true when they complete the head.
+    /// Scans newly read head bytes; true when they complete the head: an empty line, a
+    /// line feed after a line feed with nothing but carriage returns between them.
+    /// `after_lf` carries "only `\r` since the last line feed" from one read to the next.
+    /// Jumps from line feed to line feed (`memchr`), so a request head costs a few steps
+    /// rather than a step per byte.
     fn scan(&mut self, bytes: &[u8]) -> bool {
-        for &b in bytes {
-            match b {
-                b'\n' if self.after_lf => return true,
-                b'\n' => self.after_lf = true,
-                b'\r' => {}
-                _ => self.after_lf = false,
+        let only_cr = |s: &[u8]| s.iter().all(|&b| b == b'\r');
+        let mut line_start = 0;
+        let mut at_line_start = self.after_lf;
+        for lf in memchr::memchr_iter(b'\n', bytes) {
+            if at_line_start && only_cr(&bytes[line_start..lf]) {
+                return true;
             }
+            at_line_start = true;
+            line_start = lf + 1;
         }
+        self.after_lf = at_line_start && only_cr(&bytes[line_start..]);
         false
     }
 
@@ -241,6 +248,49 @@ mod tests {
         Limits {
             head: Duration::from_millis(200),
             idle: Duration::from_millis(400),
+        }
+    }
+
+    /// The byte-at-a-time definition `scan` must agree with.
+    fn head_ends_at(bytes: &[u8]) -> Option<usize> {
+        let mut after_lf = false;
+        for (i, &b) in bytes.iter().enumerate() {
+            match b {
+                b'\n' if after_lf => return Some(i),
+                b'\n' => after_lf = true,
+                b'\r' => {}
+                _ => after_lf = false,
+            }
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn the_head_scan_agrees_with_the_byte_definition_across_every_split() {
+        let heads: [&[u8]; 7] = [
+            b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\nGET /x",
+            b"GET / HTTP/1.1\nHost: a\n\nrest",
+            b"GET / HTTP/1.1\r\nA: b\r\r\n\r\r\n",
+            b"GET / HTTP/1.1\r\nA: \rb\r\nC: d\r\n",
+            b"\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA: b\r\n \r\n\r\n",
+            b"no line feed at all",
+        ];
+        for head in heads {
+            let want = head_ends_at(head).is_some();
+            for a in 0..=head.len() {
+                for b in a..=head.len() {
+                    let (_client, server) = tokio::io::duplex(64);
+                    let mut d = Deadlines::new(server, limits(), Arc::new(AtomicU64::new(0)));
+                    let got = d.scan(&head[..a]) || d.scan(&head[a..b]) || d.scan(&head[b..]);
+                    assert_eq!(
+                        got,
+                        want,
+                        "{:?} split at {a}, {b}",
+                        String::from_utf8_lossy(head)
+                    );
+                }
+            }
         }
     }
 

@@ -10,7 +10,10 @@
 //! Denials keep the connection alive (401, 404) so a client that got its token wrong
 //! does not pay a new TLS handshake per request; only a host over its limit is cut off.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, LazyLock},
+};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -233,12 +236,12 @@ impl Gateway {
     }
 }
 
-/// A response of ours with a small fixed body. Denials are never cached by a shared cache
-/// nor sniffed into another type (testssl rates a response without these MEDIUM).
-fn fixed(status: StatusCode, body: &'static [u8], close: bool) -> Response<Body> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(body))));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
+/// The headers of a response of ours, built once: a denial is never cached by a shared
+/// cache nor sniffed into another type (testssl rates a response without these MEDIUM),
+/// and a 401 names the scheme. Cloning them costs a third of inserting them one by one,
+/// which showed in the 401 path's profile.
+static FIXED_HEADERS: LazyLock<HeaderMap> = LazyLock::new(|| {
+    let mut h = HeaderMap::with_capacity(5);
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -248,11 +251,26 @@ fn fixed(status: StatusCode, body: &'static [u8], close: bool) -> Response<Body>
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    if status == StatusCode::UNAUTHORIZED {
-        h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
+    h
+});
+static UNAUTHORIZED_HEADERS: LazyLock<HeaderMap> = LazyLock::new(|| {
+    let mut h = FIXED_HEADERS.clone();
+    h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    h
+});
+
+/// A response of ours with a small fixed body and [`FIXED_HEADERS`].
+fn fixed(status: StatusCode, body: &'static [u8], close: bool) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(body))));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = if status == StatusCode::UNAUTHORIZED {
+        UNAUTHORIZED_HEADERS.clone()
+    } else {
+        FIXED_HEADERS.clone()
+    };
     if close {
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
 }
