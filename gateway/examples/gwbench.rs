@@ -180,6 +180,18 @@ impl Tally {
     }
 }
 
+/// This process's CPU time so far (user + system), from /proc: the share of the machine the
+/// flood itself takes from every system under test.
+fn own_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line, 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Arc::new(Args::parse());
@@ -311,9 +323,10 @@ async fn main() -> Result<()> {
             let secs = start.elapsed().as_secs_f64();
             let total: u64 = tally.by_status.lock().unwrap().values().sum();
             println!(
-                "flood secs={secs:.2} answers_per_s={:.0} {}",
+                "flood secs={secs:.2} answers_per_s={:.0} {} client_cpu_s={:.2}",
                 total as f64 / secs,
-                tally.summary()
+                tally.summary(),
+                own_cpu_secs()
             );
         }
         "idle" => {
