@@ -55,16 +55,37 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::PROXY_AUTHENTICATE,
 ];
 
-/// Removes the hop-by-hop headers, including those that `Connection` names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(connection) = headers.remove(header::CONNECTION) {
-        if let Ok(names) = connection.to_str() {
-            for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                headers.remove(name);
-            }
-        }
+/// Removes the hop-by-hop headers, those that `Connection` names, and `also`.
+///
+/// Most messages carry none of them but `Connection`, so the names are looked for in one
+/// pass over the message's headers before any is removed; removing each listed name in
+/// turn hashed a dozen names per message and was 5% of an authorized request's
+/// instructions (callgrind).
+fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
+    // Every `Connection` line counts, not only the first.
+    let mut connection: Vec<HeaderValue> = Vec::new();
+    if let header::Entry::Occupied(e) = headers.entry(header::CONNECTION) {
+        connection.extend(e.remove_entry_mult().1);
     }
-    for name in &HOP_BY_HOP {
+    // A value that is not text names nothing we could match; the header itself is gone
+    // either way.
+    let named: Vec<&str> = connection
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    let doomed = |name: &HeaderName| {
+        HOP_BY_HOP.contains(name)
+            || also.contains(name)
+            || named.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()))
+    };
+    if !headers.keys().any(doomed) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
+    for name in names {
         headers.remove(name);
     }
 }
@@ -168,10 +189,10 @@ impl Gateway {
 
         // 5. Proxy. The worker has no authentication of its own and must never see a
         // credential; hop-by-hop headers stay on this hop.
-        let headers = req.headers_mut();
-        headers.remove(header::AUTHORIZATION);
-        headers.remove(header::PROXY_AUTHORIZATION);
-        strip_hop_by_hop(headers);
+        strip_hop_by_hop(
+            req.headers_mut(),
+            &[header::AUTHORIZATION, header::PROXY_AUTHORIZATION],
+        );
         // The upstream connection is kept alive whatever the client speaks.
         *req.version_mut() = Version::HTTP_11;
         if req.uri().authority().is_some() {
@@ -184,7 +205,7 @@ impl Gateway {
             Ok(resp) => {
                 self.metrics.proxied.inc();
                 let mut resp = resp.map(Either::Left);
-                strip_hop_by_hop(resp.headers_mut());
+                strip_hop_by_hop(resp.headers_mut(), &[]);
                 resp
             }
             Err(e) => {
@@ -273,4 +294,67 @@ fn fixed(status: StatusCode, body: &'static [u8], close: bool) -> Response<Body>
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<String> {
+        let mut n: Vec<String> = h.keys().map(|k| k.as_str().to_string()).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn hop_by_hop_named_and_extra_headers_are_removed_with_every_value() {
+        let mut h = map(&[
+            ("host", "a"),
+            ("connection", "keep-alive, X-One"),
+            ("connection", " x-two ,close"),
+            ("x-one", "1"),
+            ("x-one", "1b"),
+            ("x-two", "2"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("authorization", "Bearer t"),
+            ("proxy-authorization", "Basic u"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(
+            &mut h,
+            &[header::AUTHORIZATION, header::PROXY_AUTHORIZATION],
+        );
+        assert_eq!(names(&h), ["accept", "host"]);
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_keeps_every_header() {
+        let pairs = [
+            ("server", "nginx"),
+            ("content-type", "text/plain"),
+            ("content-length", "2048"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+        ];
+        let mut h = map(&pairs);
+        strip_hop_by_hop(&mut h, &[]);
+        assert_eq!(h, map(&pairs));
+        // `Connection` itself always goes, even when it names nothing present.
+        let mut h = map(&[("connection", "keep-alive"), ("server", "nginx")]);
+        strip_hop_by_hop(&mut h, &[]);
+        assert_eq!(names(&h), ["server"]);
+    }
 }
