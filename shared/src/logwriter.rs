@@ -36,6 +36,9 @@ pub const GATHER: Duration = Duration::from_millis(1);
 /// Bytes one thread may have waiting before its next line waits for the writer.
 pub const MAX_PENDING: usize = 4 << 20;
 
+/// The capacity a drained buffer keeps for reuse.
+const SPARE_KEEP: usize = 256 * 1024;
+
 /// One thread's pending lines for one writer.
 type Pending = Arc<Mutex<Vec<u8>>>;
 
@@ -148,6 +151,10 @@ impl Shared {
         }
         for mut b in taken {
             b.clear();
+            // A burst may have grown a buffer to megabytes; keep what a steady flow needs.
+            if b.capacity() > SPARE_KEEP {
+                b.shrink_to(SPARE_KEEP);
+            }
             spares.push(b);
         }
         written
