@@ -85,27 +85,29 @@ pub fn denied(remote: Option<SocketAddr>, method: &str, path: &str, reason: Reas
     thread_local! {
         static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
     }
-    let written = LINE.try_with(|line| {
-        let mut line = line.borrow_mut();
-        line.clear();
-        line.extend_from_slice(br#"{"timestamp":""#);
-        telemetry::push_json_timestamp(&mut line);
-        line.extend_from_slice(br#"","level":"WARN","message":"denied","remote":""#);
-        push_addr(&mut line, remote);
-        line.extend_from_slice(br#"","method":"#);
-        let _ = serde_json::to_writer(&mut *line, method);
-        line.extend_from_slice(b",\"path\":");
-        let _ = serde_json::to_writer(&mut *line, &*path);
-        let _ = writeln!(
-            line,
-            r#","reason":"{}","target":"taskgate_gateway::audit"}}"#,
-            reason.as_str()
-        );
-        telemetry::write_json_line(&line)
-    });
-    if written == Ok(true) {
+    let written = telemetry::direct_json()
+        && LINE.try_with(|line| {
+            let mut line = line.borrow_mut();
+            line.clear();
+            line.extend_from_slice(br#"{"timestamp":""#);
+            telemetry::push_json_timestamp(&mut line);
+            line.extend_from_slice(br#"","level":"WARN","message":"denied","remote":""#);
+            push_addr(&mut line, remote);
+            line.extend_from_slice(br#"","method":"#);
+            let _ = serde_json::to_writer(&mut *line, method);
+            line.extend_from_slice(b",\"path\":");
+            let _ = serde_json::to_writer(&mut *line, &*path);
+            let _ = writeln!(
+                line,
+                r#","reason":"{}","target":"taskgate_gateway::audit"}}"#,
+                reason.as_str()
+            );
+            telemetry::write_json_line(&line)
+        }) == Ok(true);
+    if written {
         return;
     }
+    // Human-readable logs, log files, or a writer that has stopped: through tracing.
     tracing::warn!(
         target: "taskgate_gateway::audit",
         remote = %DisplayAddr(remote),

@@ -188,13 +188,14 @@ pub fn write_json_line(line: &[u8]) -> bool {
     }
 }
 
-/// Now, as the subscriber's JSON lines write it (RFC 3339, UTC, microseconds).
-pub fn json_timestamp() -> impl std::fmt::Display {
-    humantime::format_rfc3339_micros(SystemTime::now())
+/// True when [`write_json_line`] writes: logs are JSON on stderr only.
+pub fn direct_json() -> bool {
+    DIRECT_JSON.get().is_some()
 }
 
-/// Appends now, as [`json_timestamp`] writes it, to `out`. The date and time up to the
-/// second are formatted once a second per thread; the microseconds are appended by hand.
+/// Appends now, as the subscriber's JSON lines write it (RFC 3339, UTC, microseconds), to
+/// `out`. The date and time up to the second are formatted once a second per thread; the
+/// microseconds are appended by hand.
 pub fn push_json_timestamp(out: &mut Vec<u8>) {
     thread_local! {
         /// (whole seconds since the epoch, "YYYY-MM-DDTHH:MM:SS." for them)
@@ -269,7 +270,7 @@ mod tests {
         for _ in 0..3 {
             let mut mine = Vec::new();
             push_json_timestamp(&mut mine);
-            let theirs = json_timestamp().to_string();
+            let theirs = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
             let mine = String::from_utf8(mine).unwrap();
             assert_eq!(mine.len(), theirs.len(), "{mine} vs {theirs}");
             // Same second (or the next one, if the second turned in between).
