@@ -18,7 +18,7 @@ use std::{
 use tracing_appender::rolling;
 use tracing_subscriber::{fmt::MakeWriter, layer::SubscriberExt, EnvFilter, Layer, Registry};
 
-pub use crate::logwriter::{batch_writer, BatchGuard, BatchWriter, GATHER};
+use crate::logwriter::{batch_writer, BatchGuard, BatchWriter};
 use crate::redact::redact;
 
 /// How log lines are written.
